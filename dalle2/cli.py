@@ -1,0 +1,145 @@
+"""The ``dalle2`` command line. Each subcommand is a thin call into the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+from dalle2.config import PRESETS
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from dalle2.factory import parameter_counts
+
+    # Big presets are built on the meta device: parameter shapes only, no memory.
+    counts = parameter_counts(args.preset, device="meta")
+    print(json.dumps(counts, indent=None if args.compact else 2))
+    return 0
+
+
+def _options(args: argparse.Namespace):
+    from dalle2.pipeline import GenerationOptions, StageOptions
+
+    return GenerationOptions(
+        n=args.n,
+        seed=args.seed,
+        size=args.size,
+        prior=StageOptions(args.prior_steps, args.prior_guidance),
+        decoder=StageOptions(args.decoder_steps, args.decoder_guidance),
+        upsampler=StageOptions(args.upsampler_steps, 1.0),
+    )
+
+
+def _progress_printer(quiet: bool):
+    if quiet:
+        return None
+
+    def show(stage, step):
+        if step.index + 1 == step.num_steps or (step.index + 1) % 10 == 0:
+            print(f"  {stage}: step {step.index + 1}/{step.num_steps}", file=sys.stderr, flush=True)
+
+    return show
+
+
+def _save(images, args: argparse.Namespace, columns: int) -> int:
+    from dalle2.images import make_grid
+
+    make_grid(images, columns).save(args.out)
+    print(f"wrote {len(images)} images to {args.out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from dalle2.pipeline import UnCLIP, text_to_image
+
+    pipe = UnCLIP.from_bundles(args.bundles, device=args.device)
+    images = text_to_image(pipe, args.prompts, _options(args), _progress_printer(args.quiet))
+    return _save(images, args, columns=args.n)
+
+
+def cmd_variations(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from dalle2.pipeline import UnCLIP, variations
+
+    pipe = UnCLIP.from_bundles(args.bundles, device=args.device)
+    images = variations(pipe, [Image.open(p) for p in args.images], _options(args), _progress_printer(args.quiet))
+    return _save(images, args, columns=args.n)
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from dalle2.pipeline import UnCLIP, edit
+
+    pipe = UnCLIP.from_bundles(args.bundles, device=args.device)
+    images = edit(pipe, Image.open(args.image), Image.open(args.mask), args.prompt, _options(args), _progress_printer(args.quiet))
+    return _save(images, args, columns=args.n)
+
+
+def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundles", required=True, help="folder (or s3:// prefix) with clip/, prior/, decoder/, upsampler_*/ bundles")
+    parser.add_argument("--n", type=int, default=4, help="images per prompt / input image (1-10)")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--size", type=int, default=None, help="output side (default: as far as the cascade reaches)")
+    parser.add_argument("--out", default="grid.png", help="PNG grid to write")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quiet", action="store_true", help="no per-step progress on stderr")
+    for stage, guidance in (("prior", 1.0), ("decoder", 3.0)):
+        parser.add_argument(f"--{stage}-steps", type=int, default=None)
+        parser.add_argument(f"--{stage}-guidance", type=float, default=guidance)
+    parser.add_argument("--upsampler-steps", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dalle2", description="DALL-E 2 (unCLIP) on Ray: train, serve, generate.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    info = commands.add_parser("info", help="parameter count of each model of a preset, as JSON")
+    info.add_argument("--preset", choices=PRESETS, default="tiny")
+    info.add_argument("--compact", action="store_true", help="one line of JSON")
+    info.set_defaults(func=cmd_info)
+
+    generate = commands.add_parser("generate", help="text -> images, written as a PNG grid (one row per prompt)")
+    generate.add_argument("prompts", nargs="+")
+    _add_generation_arguments(generate)
+    generate.set_defaults(func=cmd_generate)
+
+    variation = commands.add_parser("variations", help="variations of images (their CLIP embeddings decoded anew)")
+    variation.add_argument("images", nargs="+")
+    _add_generation_arguments(variation)
+    variation.set_defaults(func=cmd_variations)
+
+    edit = commands.add_parser("edit", help="repaint the transparent (or black) area of MASK in IMAGE")
+    edit.add_argument("image")
+    edit.add_argument("mask")
+    edit.add_argument("prompt", nargs="?", default=None)
+    _add_generation_arguments(edit)
+    edit.set_defaults(func=cmd_edit)
+
+    _add_optional_commands(commands)
+    return parser
+
+
+def _add_optional_commands(commands: argparse._SubParsersAction) -> None:
+    """Subcommand groups that live beside their library code."""
+    from dalle2.data.cli import add_data_commands
+
+    add_data_commands(commands)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub at run time
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError) as error:
+        print(f"dalle2 {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""The diffusion prior: CLIP text embedding -> CLIP image embedding (DALL-E 2, section 2.2).
+
+A decoder-only Transformer with a causal mask over the ordered sequence
+
+    [caption tokens (L), CLIP text embedding, timestep embedding, noised image embedding, query]
+
+whose output at the final query token predicts the *unnoised* image embedding
+(x0-prediction, MSE). The caption is dropped 10% of the time (a learned null) so that
+sampling can use classifier-free guidance. Sampling draws ``candidates`` (paper: 2)
+embeddings per caption and keeps the one with the higher dot product with the text
+embedding.
+
+The network works in a normalised embedding space: per-dimension mean/std of CLIP
+image embeddings, computed from data (:meth:`DiffusionPrior.fit_embedding_stats`) and
+saved with the model, so that a saved prior alone reproduces its outputs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from dalle2.config import PriorConfig
+from dalle2.diffusion import ClassifierFreeGuidance, GaussianDiffusion, SampleStep
+
+# Positions of the fixed tokens that follow the L caption tokens.
+_TEXT_EMBED, _TIME, _NOISED_IMAGE, _QUERY = range(4)
+_FIXED_TOKENS = 4
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of timesteps [N] -> [N, dim] (Vaswani et al. 2017; DDPM appendix B)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * freqs[None]
+    embedding = torch.cat([angles.cos(), angles.sin()], dim=-1)
+    return F.pad(embedding, (0, dim % 2))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # x: [N, S, W]; mask: [N, 1, S, S] bool, True = may attend
+        q, k, v = rearrange(self.qkv(x), "n s (three h d) -> three n h s d", three=3, h=self.heads)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(rearrange(y, "n h s d -> n s (h d)"))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm Transformer block (GPT-2)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = CausalSelfAttention(width, heads)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class PriorTransformer(nn.Module):
+    """The prior network: ``forward(x_t, t, **cond)`` predicts the normalised x0 [N, D]."""
+
+    def __init__(self, config: PriorConfig):
+        super().__init__()
+        if config.embed_dim <= 0 or config.text_width <= 0:
+            raise ValueError("PriorConfig needs embed_dim and text_width (filled from the CLIP config)")
+        self.config = config
+        width = config.width
+        self.caption_in = nn.Linear(config.text_width, width)
+        self.text_embed_in = nn.Linear(config.embed_dim, width)
+        self.time_in = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.image_in = nn.Linear(config.embed_dim, width)
+        self.query = nn.Parameter(torch.randn(width) * 0.02)
+        self.null_text_embed = nn.Parameter(torch.randn(width) * 0.02)  # learned null for guidance
+        self.positions = nn.Parameter(torch.randn(config.context_length + _FIXED_TOKENS, width) * 0.02)
+        self.blocks = nn.ModuleList(Block(width, config.heads, config.mlp_ratio) for _ in range(config.layers))
+        self.norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, config.embed_dim)
+
+    def forward(
+        self,
+        x_t: torch.Tensor,  # [N, D] noised, normalised image embedding
+        t: torch.Tensor,  # [N] timesteps
+        *,
+        text_embed: torch.Tensor,  # [N, D] CLIP text embedding
+        text_hidden: Optional[torch.Tensor] = None,  # [N, L, text_width] CLIP per-token states
+        text_mask: Optional[torch.Tensor] = None,  # [N, L] bool, True = real token
+        drop_text: Optional[torch.Tensor] = None,  # [N] bool, True = use the learned null caption
+    ) -> torch.Tensor:
+        n = x_t.shape[0]
+        if text_hidden is None:
+            text_hidden = x_t.new_zeros(n, 0, self.config.text_width)
+            text_mask = torch.zeros(n, 0, dtype=torch.bool, device=x_t.device)
+        elif text_mask is None:
+            text_mask = torch.ones(text_hidden.shape[:2], dtype=torch.bool, device=x_t.device)
+        if text_hidden.shape[1] > self.config.context_length:
+            raise ValueError(f"{text_hidden.shape[1]} caption tokens exceed context_length {self.config.context_length}")
+        dropped = torch.zeros(n, dtype=torch.bool, device=x_t.device) if drop_text is None else drop_text
+
+        # The text embedding is used on the unit sphere (scaled to unit variance per dimension),
+        # so that the prior is indifferent to CLIP's embedding norm.
+        text_embed = F.normalize(text_embed, dim=-1) * math.sqrt(text_embed.shape[-1])
+        text_token = torch.where(dropped[:, None], self.null_text_embed.to(x_t.dtype), self.text_embed_in(text_embed))
+        fixed = torch.stack(
+            [
+                text_token,
+                self.time_in(timestep_embedding(t, self.config.width).to(x_t.dtype)),
+                self.image_in(x_t),
+                self.query.to(x_t.dtype).expand(n, -1),
+            ],
+            dim=1,
+        )  # [N, 4, W]
+        tokens = torch.cat([self.caption_in(text_hidden), fixed], dim=1)  # [N, S, W]
+        length = tokens.shape[1]
+        tokens = tokens + self.positions[-length:]  # aligned from the end: fixed tokens keep their positions
+
+        # Causal mask, minus caption padding and dropped captions; every token sees itself
+        # so that no row is fully masked.
+        key_valid = torch.cat([text_mask & ~dropped[:, None], text_mask.new_ones(n, _FIXED_TOKENS)], dim=1)  # [N, S]
+        causal = torch.ones(length, length, dtype=torch.bool, device=x_t.device).tril()
+        eye = torch.eye(length, dtype=torch.bool, device=x_t.device)
+        mask = (causal & key_valid[:, None, :]) | eye  # [N, S, S]
+        mask = mask[:, None]  # [N, 1, S, S], broadcast over heads
+
+        for block in self.blocks:
+            tokens = block(tokens, mask)
+        return self.out(self.norm(tokens[:, -1]))
+
+
+class DiffusionPrior(nn.Module):
+    """The prior users hold: network + diffusion process + embedding normalisation stats."""
+
+    def __init__(self, config: PriorConfig):
+        super().__init__()
+        self.config = config
+        self.net = PriorTransformer(config)
+        with torch.device("cpu"):  # the schedule is process metadata, even for a model built on meta
+            self.diffusion = GaussianDiffusion.from_config(config.diffusion)
+        # Saved in the bundle's stats file (not the weights): they come from data, not training.
+        self.register_buffer("image_mean", torch.zeros(config.embed_dim), persistent=False)
+        self.register_buffer("image_std", torch.ones(config.embed_dim), persistent=False)
+
+    # --- embedding normalisation -------------------------------------------------------
+    @torch.no_grad()
+    def fit_embedding_stats(self, image_embeds: torch.Tensor) -> None:
+        """Per-dimension mean/std of the training set's CLIP image embeddings [N, D]."""
+        if image_embeds.shape[0] < 2:
+            raise ValueError("need at least 2 image embeddings to estimate their statistics")
+        self.image_mean.copy_(image_embeds.float().mean(0))
+        self.image_std.copy_(image_embeds.float().std(0).clamp_min(1e-6))
+
+    def embedding_stats(self) -> dict[str, torch.Tensor]:
+        return {"image_mean": self.image_mean, "image_std": self.image_std}
+
+    def load_embedding_stats(self, stats: dict[str, torch.Tensor]) -> None:
+        for name in ("image_mean", "image_std"):
+            if name not in stats:
+                raise ValueError(f"prior stats lack {name!r}")
+            getattr(self, name).copy_(stats[name])
+
+    def normalize(self, image_embed: torch.Tensor) -> torch.Tensor:
+        return (image_embed - self.image_mean) / self.image_std
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.image_std + self.image_mean
+
+    # --- training -------------------------------------------------------------------------
+    def loss(
+        self,
+        image_embed: torch.Tensor,
+        text_embed: torch.Tensor,
+        text_hidden: Optional[torch.Tensor] = None,
+        text_mask: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> torch.Tensor:
+        """Mean MSE of the x0 prediction (DALL-E 2, eq. in section 2.2), caption dropped 10%."""
+        n = image_embed.shape[0]
+        drop_text = torch.rand(n, generator=generator, device=image_embed.device) < self.config.text_drop_prob
+        losses = self.diffusion.training_loss(
+            self.net,
+            self.normalize(image_embed),
+            generator=generator,
+            text_embed=text_embed,
+            text_hidden=text_hidden,
+            text_mask=text_mask,
+            drop_text=drop_text,
+        )
+        return losses.mean()
+
+    # --- sampling -------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        text_embed: torch.Tensor,  # [N, D]
+        text_hidden: Optional[torch.Tensor] = None,  # [N, L, W]
+        text_mask: Optional[torch.Tensor] = None,  # [N, L]
+        *,
+        steps: Optional[int] = None,
+        guidance_scale: float = 1.0,
+        candidates: Optional[int] = None,
+        sampler: Literal["ddim", "ddpm"] = "ddim",
+        generator: Optional[torch.Generator] = None,
+        progress: Optional[Callable[[SampleStep], None]] = None,
+    ) -> torch.Tensor:
+        """CLIP image embeddings [N, D] for the captions, best of ``candidates`` each."""
+        candidates = candidates or self.config.candidates
+        n, dim = text_embed.shape
+
+        def repeat(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if x is None else x.repeat_interleave(candidates, dim=0)
+
+        model = self.net if guidance_scale == 1.0 else ClassifierFreeGuidance(self.net, guidance_scale, ("drop_text",))
+        process = self.diffusion.respace(steps or self.config.diffusion.sample_steps)
+        x0 = process.sample(
+            model,
+            (n * candidates, dim),
+            sampler=sampler,
+            progress=progress,
+            generator=generator,
+            device=text_embed.device,
+            text_embed=repeat(text_embed),
+            text_hidden=repeat(text_hidden),
+            text_mask=repeat(text_mask),
+        )
+        embeds = rearrange(self.denormalize(x0), "(n c) d -> n c d", c=candidates)
+        # Paper: keep the candidate with the higher dot product with the text embedding
+        # (both on the unit sphere, so CLIP's norms don't decide).
+        scores = torch.einsum("ncd,nd->nc", F.normalize(embeds, dim=-1), F.normalize(text_embed, dim=-1))
+        best = scores.argmax(dim=1)
+        return embeds[torch.arange(n, device=embeds.device), best]
