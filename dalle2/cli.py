@@ -136,7 +136,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:  # bad input, missing files, unreadable storage
         print(f"dalle2 {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -192,7 +192,8 @@ class DiffusionPrior(nn.Module):
     ) -> torch.Tensor:
         """Mean MSE of the x0 prediction (DALL-E 2, eq. in section 2.2), caption dropped 10%."""
         n = image_embed.shape[0]
-        drop_text = torch.rand(n, generator=generator, device=image_embed.device) < self.config.text_drop_prob
+        source = generator.device if generator is not None else image_embed.device
+        drop_text = torch.rand(n, generator=generator, device=source).to(image_embed.device) < self.config.text_drop_prob
         losses = self.diffusion.training_loss(
             self.net,
             self.normalize(image_embed),

@@ -1,0 +1,134 @@
+"""CLIP embeddings of a dataset, computed once by a pool of actors holding the frozen CLIP.
+
+DALL-E 2 trains its prior and decoder on a CLIP that no longer changes (section 2): the
+prior learns text encoding -> image embedding, the decoder is conditioned on the image
+embedding. Computing the embeddings once, here, saves running CLIP at every epoch.
+
+The output folder holds Parquet files written by Ray Data, one row per usable dataset
+row (bad rows are dropped and counted, as in training)::
+
+    key          string
+    caption      string
+    tokens       int64   [L]     the BPE ids the text states belong to (0 = padding)
+    text_embed   float32 [D]     CLIP text embedding (not normalised)
+    text_hidden  float16 [L, W]  per-token states after CLIP's final layer norm: what the
+                                 prior attends to (section 2.2); float16 halves the bytes
+    image_embed  float32 [D]     CLIP image embedding (not normalised)
+
+Tensor columns use Ray Data's tensor type, so ``ray.data.read_parquet`` gives them back
+as numpy arrays of these shapes. Rows follow no particular order; join on ``key``, and
+:func:`dalle2.data.preprocess.in_validation` of the key gives the same split as training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from dalle2.bundle import BundleError, load_bundle, read_bundle_header
+from dalle2.data import storage
+from dalle2.data.pipeline import DataConfig, DroppedRows, check_dataset, preprocessed_rows
+from dalle2.data.preprocess import to_model_images
+from dalle2.data.schema import PARQUET_SUFFIX
+
+Accelerator = Literal["auto", "cpu", "gpu"]
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    data: str  # image-caption dataset (local, file:// or s3://)
+    out: str  # folder for the embedding Parquet files; must hold none yet
+    clip: str  # CLIP model bundle (dalle2.bundle)
+    actors: int = 1  # CLIP replicas: one per GPU, or a few on CPUs
+    batch_size: int = 64
+    accelerator: Accelerator = "auto"  # auto: one GPU per actor when the cluster has GPUs
+    cpus_per_task: float = 0.25  # fractional, as in DataConfig: a small machine must schedule everything
+
+
+@dataclass(frozen=True)
+class EmbedReport:
+    rows: int  # rows written
+    files: list[str]
+    dropped: dict[str, int]  # bad rows by reason
+
+
+def _writable(array: np.ndarray) -> np.ndarray:
+    return np.require(array, requirements=("C", "W"))  # Ray's zero-copy batches may be read-only
+
+
+class ClipEmbedder:
+    """A Ray Data actor: loads the CLIP bundle once, then embeds batches of decoded rows."""
+
+    def __init__(self, clip_uri: str, use_gpu: bool):
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.clip = load_bundle(clip_uri, device=self.device).model
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = to_model_images(torch.from_numpy(_writable(batch["image"]))).to(self.device)  # [B, 3, S, S]
+        tokens = torch.from_numpy(_writable(batch["tokens"])).to(self.device)  # [B, L]
+        with torch.inference_mode():
+            text = self.clip.encode_text(tokens)
+            image_embed = self.clip.encode_image(images)  # [B, D]
+        return {
+            "key": batch["key"],
+            "caption": batch["caption"],
+            "tokens": batch["tokens"],
+            "text_embed": text.embed.float().cpu().numpy(),  # [B, D]
+            "text_hidden": text.hidden.half().cpu().numpy(),  # [B, L, W]
+            "image_embed": image_embed.float().cpu().numpy(),  # [B, D]
+        }
+
+
+def _use_gpu(accelerator: Accelerator) -> bool:
+    if accelerator == "auto":
+        return ray.cluster_resources().get("GPU", 0) >= 1
+    return accelerator == "gpu"
+
+
+def embed_dataset(config: EmbedConfig) -> EmbedReport:
+    """Embed every usable row of ``config.data`` with the CLIP bundle; write Parquet to
+    ``config.out``. The bundle, the data and the output folder are checked before any
+    task or actor starts."""
+    header = read_bundle_header(config.clip)
+    if header["kind"] != "clip":
+        raise BundleError(f"{config.clip}: a {header['kind']} bundle, not a CLIP one")
+    clip_config = header["config"]
+    filesystem, files = check_dataset(config.data)
+    if storage.exists(config.out) and storage.list_files(config.out, suffix=PARQUET_SUFFIX):
+        raise FileExistsError(f"{config.out} already holds Parquet files; choose an empty location")
+
+    use_gpu = _use_gpu(config.accelerator)
+    dropped = DroppedRows.remote()
+    # Decode straight to CLIP's resolution; every row, with no train/validation split.
+    data_config = DataConfig(
+        path=config.data,
+        image_size=clip_config["image_size"],
+        context_length=clip_config["context_length"],
+        validation_fraction=0.0,
+        batch_size=config.batch_size,
+        cpus_per_task=config.cpus_per_task,
+    )
+    rows = preprocessed_rows(data_config, filesystem, files, "train", dropped)
+    embeddings = rows.map_batches(
+        ClipEmbedder,
+        fn_constructor_kwargs={"clip_uri": config.clip, "use_gpu": use_gpu},
+        batch_format="numpy",
+        batch_size=config.batch_size,
+        concurrency=config.actors,  # a fixed pool of actors, each holding one CLIP
+        num_gpus=1 if use_gpu else 0,
+        num_cpus=config.cpus_per_task,
+    )
+    out_filesystem, out_path = storage.resolve(config.out)
+    embeddings.write_parquet(out_path, filesystem=out_filesystem, ray_remote_args={"num_cpus": config.cpus_per_task})
+
+    written = storage.list_files(config.out, suffix=PARQUET_SUFFIX)
+    count = 0
+    for file_uri in written:
+        with storage.open_input(file_uri) as file:
+            count += pq.read_metadata(file).num_rows
+    return EmbedReport(rows=count, files=written, dropped=ray.get(dropped.totals.remote()))

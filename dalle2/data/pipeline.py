@@ -1,0 +1,164 @@
+"""Image-caption Parquet -> Ray Data -> Ray Train workers.
+
+    data = build_datasets(DataConfig(path="s3://bucket/shapes"))   # checks the data first
+    trainer = TorchTrainer(..., datasets={"train": data.train, "validation": data.validation})
+    # in each worker:
+    shard = ray.train.get_dataset_shard("train")
+    for batch in shard.iter_torch_batches(batch_size=B, collate_fn=CollateTrainingBatch()):
+        batch["image"]    # uint8 [B, S, S, 3]; to_model_images: float [B, 3, S, S] in [-1, 1]
+        batch["tokens"]   # int64 [B, L]
+        batch["caption"]  # list[str] (and batch["key"])
+
+Ray Train gives each worker a disjoint shard of ``train`` (``streaming_split``), so the
+rows stream from storage through the map tasks into the workers and never gather on
+the driver. The split is ``equal=True``: each epoch leaves out up to (workers - 1) rows
+so that every worker takes the same number of steps. Bad rows are dropped and counted
+(:meth:`TrainingData.dropped_rows`; the map task that drops them also logs a warning);
+a job adds the counts to its metrics. A dataset that cannot be used at all fails in
+:func:`check_dataset` before anything is scheduled. Local paths must be visible at the
+same place on every node of a multi-node cluster; object storage has no such caveat.
+
+CPU requests are fractional (``DataConfig.cpus_per_task``): with Ray's default of 1 CPU
+per task, and 1 CPU per Train worker, a 2-core machine has no CPU left for the read and
+map tasks once the workers hold theirs; the streaming executor then waits forever for
+resources, with no error. A quarter CPU per task lets everything be scheduled; the OS
+shares the cores.
+
+Ray is imported here and in :mod:`.embed` only: the rest of :mod:`dalle2.data` is plain
+Python that tests and tools call without a cluster.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow.fs as pafs
+import ray
+import ray.data
+import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from dalle2.data import storage
+from dalle2.data.preprocess import Flip, Split, preprocess_batch
+from dalle2.data.schema import TRAINING_COLUMNS, check_columns, dataset_files, read_schema
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How a training job reads its data. ``dalle2.config.from_dict(DataConfig, {...})``
+    builds one from a job's YAML."""
+
+    path: str  # dataset folder (or one file): local, file:// or s3://bucket/prefix
+    image_size: int = 64  # the model's resolution: short side resized to it, then center crop
+    context_length: int = 77  # caption tokens (CLIP's context length)
+    validation_fraction: float = 0.05  # by a stable hash of the key, see preprocess.in_validation
+    flip: Flip = Flip.NONE  # training split only; off by default (it breaks "left"/"right" captions)
+    batch_size: int = 128  # rows per preprocessing call
+    # Fraction of a CPU each read and map task requests. Below 1 so that the pipeline is
+    # still scheduled when Train workers hold CPUs on a small machine (see module doc).
+    cpus_per_task: float = 0.25
+
+
+def check_dataset(path: str, columns: tuple[str, ...] = TRAINING_COLUMNS) -> tuple[pafs.FileSystem, list[str]]:
+    """The dataset's filesystem and Parquet file paths, or one clear error before any
+    task starts: FileNotFoundError (no such path), StorageError (bucket or key unreadable),
+    DatasetError (no Parquet files, or the first file's schema lacks a column)."""
+    files = dataset_files(path)
+    check_columns(read_schema(files[0]), columns, files[0])
+    filesystem, _ = storage.resolve(path)
+    return filesystem, [storage.path_of(f) for f in files]
+
+
+@ray.remote(num_cpus=0)
+class DroppedRows:
+    """Totals, by reason, of the rows that map tasks dropped (one actor per TrainingData)."""
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter = collections.Counter()
+
+    def add(self, counts: dict[str, int]) -> None:
+        self.counts.update(counts)
+
+    def totals(self) -> dict[str, int]:
+        return dict(self.counts)
+
+
+def _preprocess_in_task(batch: dict, *, dropped: ray.actor.ActorHandle, **options) -> dict:
+    out, drops = preprocess_batch(batch, **options)
+    if drops:
+        log.warning("dropped %d of %d rows: %s", sum(drops.values()), len(batch["key"]), dict(drops))
+        # Wait for the actor: once the dataset is consumed, dropped_rows() is complete.
+        ray.get(dropped.add.remote(dict(drops)))
+    return out
+
+
+@dataclass
+class TrainingData:
+    train: ray.data.Dataset
+    validation: ray.data.Dataset
+    dropped: ray.actor.ActorHandle = field(repr=False)
+
+    def dropped_rows(self) -> dict[str, int]:
+        """Rows dropped so far, by reason, over both splits and every epoch read so far."""
+        return ray.get(self.dropped.totals.remote())
+
+
+def preprocessed_rows(
+    config: DataConfig, filesystem: pafs.FileSystem, files: list[str], split: Split, dropped: ray.actor.ActorHandle
+) -> ray.data.Dataset:
+    """The rows of ``split`` decoded and tokenized (see :mod:`.preprocess`), lazily.
+    ``filesystem`` and ``files`` come from :func:`check_dataset`; drops go to ``dropped``."""
+    # Column pruning: Ray pushes the selection into the Parquet read, so label columns and
+    # other extras are never fetched from storage.
+    rows = ray.data.read_parquet(files, filesystem=filesystem, num_cpus=config.cpus_per_task).select_columns(
+        list(TRAINING_COLUMNS)
+    )
+    options = dict(
+        dropped=dropped,
+        image_size=config.image_size,
+        context_length=config.context_length,
+        split=split,
+        validation_fraction=config.validation_fraction,
+        flip=config.flip if split == "train" else Flip.NONE,
+    )
+    return rows.map_batches(
+        _preprocess_in_task,
+        batch_format="numpy",
+        batch_size=config.batch_size,
+        zero_copy_batch=True,  # the function only reads its input batch
+        num_cpus=config.cpus_per_task,
+        fn_kwargs=options,
+    )
+
+
+class CollateTrainingBatch(NumpyBatchCollateFn):
+    """``iter_torch_batches(collate_fn=CollateTrainingBatch())``: numeric columns become
+    CPU tensors, text columns lists of str (Ray's default collate cannot make tensors of
+    strings). Move the tensors to the device in the training loop."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict:
+        return {
+            # Ray's zero-copy batches can be read-only; torch wants writable memory.
+            name: torch.from_numpy(np.require(values, requirements=("C", "W"))) if values.dtype.kind in "biuf"
+            else [str(value) for value in values]
+            for name, values in batch.items()
+        }
+
+
+def build_datasets(config: DataConfig) -> TrainingData:
+    """Lazy train and validation datasets over ``config.path``; checks the data first.
+
+    Both splits read the same files and keep the rows their keys hash to, so neither
+    split is materialized (``train_test_split`` would pull the data through the driver)."""
+    filesystem, files = check_dataset(config.path)
+    dropped = DroppedRows.remote()
+    return TrainingData(
+        train=preprocessed_rows(config, filesystem, files, "train", dropped),
+        validation=preprocessed_rows(config, filesystem, files, "validation", dropped),
+        dropped=dropped,
+    )
