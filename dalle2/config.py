@@ -1,6 +1,6 @@
 """Model configs: one frozen dataclass per model, named presets in small JSON files.
 
-A preset file (``dalle2/presets/<name>.json``) holds one section per model kind. Each
+A preset is one small JSON file per model kind (``dalle2/presets/<kind>/<preset>.json``). Each
 parameter is written once: sizes a model inherits from CLIP (embedding dim, text width,
 context length) are filled in by :func:`load_preset`, so a prior's saved config still
 names them and its bundle alone rebuilds it.
