@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dalle2.bundle import load_bundle
-from dalle2.clip import Clip, TextEncoding, tokenize
+from dalle2.clip import Clip, TextEncoding
 from dalle2.data.storage import list_files, relative_path
 from dalle2.decoder import Decoder
 from dalle2.diffusion import ClassifierFreeGuidance, GaussianDiffusion

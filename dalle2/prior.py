@@ -27,51 +27,11 @@ from torch import nn
 
 from dalle2.config import PriorConfig
 from dalle2.diffusion import ClassifierFreeGuidance, GaussianDiffusion, SampleStep
+from dalle2.layers import Block, timestep_embedding
 
 # Positions of the fixed tokens that follow the L caption tokens.
 _TEXT_EMBED, _TIME, _NOISED_IMAGE, _QUERY = range(4)
 _FIXED_TOKENS = 4
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of timesteps [N] -> [N, dim] (Vaswani et al. 2017; DDPM appendix B)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    angles = t.float()[:, None] * freqs[None]
-    embedding = torch.cat([angles.cos(), angles.sin()], dim=-1)
-    return F.pad(embedding, (0, dim % 2))
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        if width % heads:
-            raise ValueError(f"width {width} is not divisible by heads {heads}")
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.out = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        # x: [N, S, W]; mask: [N, 1, S, S] bool, True = may attend
-        q, k, v = rearrange(self.qkv(x), "n s (three h d) -> three n h s d", three=3, h=self.heads)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.out(rearrange(y, "n h s d -> n s (h d)"))
-
-
-class Block(nn.Module):
-    """Pre-LayerNorm Transformer block (GPT-2)."""
-
-    def __init__(self, width: int, heads: int, mlp_ratio: float):
-        super().__init__()
-        hidden = int(width * mlp_ratio)
-        self.norm1 = nn.LayerNorm(width)
-        self.attn = CausalSelfAttention(width, heads)
-        self.norm2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), mask)
-        return x + self.mlp(self.norm2(x))
 
 
 class PriorTransformer(nn.Module):

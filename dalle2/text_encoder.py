@@ -11,11 +11,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
 from dalle2.config import TextEncoderConfig
+from dalle2.layers import Block
 
 PAD_TOKEN = 0  # open_clip pads captions with 0
 
@@ -24,37 +23,6 @@ class TextEncoding(NamedTuple):
     sequence: Tensor  # [N, L, width] per-token outputs (after the final LayerNorm)
     pooled: Tensor  # [N, width] output at the last real token
     mask: Tensor  # [N, L] bool, True = real token (padding is False)
-
-
-class SelfAttention(nn.Module):
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        if width % heads:
-            raise ValueError(f"text width {width} is not divisible by {heads} heads")
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.out = nn.Linear(width, width)
-
-    def forward(self, x: Tensor, key_mask: Tensor) -> Tensor:
-        # x: [N, L, W]; key_mask: [N, 1, 1, L] bool, True = may be attended to
-        q, k, v = rearrange(self.qkv(x), "n l (three h d) -> three n h l d", three=3, h=self.heads)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
-        return self.out(rearrange(y, "n h l d -> n l (h d)"))
-
-
-class Block(nn.Module):
-    """Pre-LayerNorm Transformer block (GPT-2 / GLIDE ``ResidualAttentionBlock``)."""
-
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(width)
-        self.attn = SelfAttention(width, heads)
-        self.norm2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
-
-    def forward(self, x: Tensor, key_mask: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x), key_mask)
-        return x + self.mlp(self.norm2(x))
 
 
 class TextEncoder(nn.Module):

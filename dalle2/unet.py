@@ -24,17 +24,10 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from dalle2.config import UNetConfig
+from dalle2.layers import timestep_embedding
 
 Resample = Literal["none", "up", "down"]
 NORM_GROUPS = 32  # improved-diffusion's GroupNorm32
-
-
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding of timesteps [N] -> [N, dim] float32 (Vaswani et al. 2017; DDPM appendix B)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    angles = t.float()[:, None] * freqs[None]
-    return F.pad(torch.cat([angles.cos(), angles.sin()], dim=-1), (0, dim % 2))
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
