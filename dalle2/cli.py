@@ -124,11 +124,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from jobs.pipeline import cmd_pipeline
+
+    return cmd_pipeline(args)
+
+
 def _add_optional_commands(commands: argparse._SubParsersAction) -> None:
-    """Subcommand groups that live beside their library code."""
+    """Subcommand groups that live beside their code (imported lazily by each command)."""
+    from dalle2.bench.cli import add_bench_commands
     from dalle2.data.cli import add_data_commands
+    from dalle2.serve_cli import add_serve_commands
+    from dalle2.train.cli import add_train_commands
+    from jobs.pipeline import add_pipeline_arguments
 
     add_data_commands(commands)
+    add_train_commands(commands)
+    add_serve_commands(commands)
+    add_bench_commands(commands)
+    for name, text in (
+        ("demo", "the whole system on the tiny presets: data, training, export, serving, a PNG grid"),
+        ("pipeline", "run (or resume) every stage of a pipeline config: any dataset, presets, storage"),
+    ):
+        parser = commands.add_parser(name, help=text)
+        add_pipeline_arguments(parser)
+        parser.set_defaults(func=cmd_demo)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

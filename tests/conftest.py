@@ -139,3 +139,28 @@ def ray_cluster(s3_server):
     finally:
         ray.shutdown()
         patch.undo()
+
+
+# --------------------------------------------------------------------------- training (dalle2.train)
+
+
+@pytest.fixture(scope="session")
+def train_shapes(tmp_path_factory) -> str:
+    """A tiny shapes dataset at 32x32 (the tiny presets' resolution) in two Parquet files."""
+    from dalle2.data.shapes import write_shapes_dataset
+
+    path = str(tmp_path_factory.mktemp("train-data") / "shapes")
+    write_shapes_dataset(path, count=160, image_size=32, rows_per_file=80)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_bundle(tmp_path_factory) -> str:
+    """A randomly initialised tiny CLIP saved as a bundle: the frozen CLIP of prior and decoder jobs."""
+    import torch
+
+    from dalle2.bundle import save_bundle
+    from dalle2.factory import create_model
+
+    torch.manual_seed(0)
+    return save_bundle(create_model("clip", "tiny"), "clip", str(tmp_path_factory.mktemp("bundles") / "clip"))

@@ -56,6 +56,19 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``dalle2 data embed``, also those of ``python -m jobs.embed``;
+    :func:`cmd_embed` runs them."""
+    parser.add_argument("data", help="image-caption dataset: path, file:// or s3://bucket/prefix")
+    parser.add_argument("out", help="output folder for the embedding Parquet files")
+    parser.add_argument("--clip", required=True, help="CLIP model bundle (path, file:// or s3://)")
+    parser.add_argument("--actors", type=int, default=1, help="CLIP replicas (default 1; one per GPU)")
+    parser.add_argument("--batch-size", type=int, default=64, help="rows per CLIP call (default 64)")
+    parser.add_argument(
+        "--accelerator", choices=["auto", "cpu", "gpu"], default="auto", help="auto: a GPU per actor if any"
+    )
+
+
 def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``data`` and its subcommands on the main CLI's subparsers."""
     data = subparsers.add_parser("data", help="build and import image-caption Parquet datasets")
@@ -85,12 +98,5 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     importer.set_defaults(func=cmd_import)
 
     embed = commands.add_parser("embed", help="CLIP text and image embeddings of a dataset, by a pool of Ray actors")
-    embed.add_argument("data", help="image-caption dataset: path, file:// or s3://bucket/prefix")
-    embed.add_argument("out", help="output folder for the embedding Parquet files")
-    embed.add_argument("--clip", required=True, help="CLIP model bundle (path, file:// or s3://)")
-    embed.add_argument("--actors", type=int, default=1, help="CLIP replicas (default 1; one per GPU)")
-    embed.add_argument("--batch-size", type=int, default=64, help="rows per CLIP call (default 64)")
-    embed.add_argument(
-        "--accelerator", choices=["auto", "cpu", "gpu"], default="auto", help="auto: a GPU per actor if any"
-    )
+    add_embed_arguments(embed)
     embed.set_defaults(func=cmd_embed)

@@ -1,0 +1,268 @@
+"""Training checkpoints: what they hold, when they are complete, and export to a model bundle.
+
+A checkpoint is one folder ``<run>/checkpoint-<step>``, merged by Ray Train from what every
+rank wrote into its local folder::
+
+    deepspeed/<tag>/...          DeepSpeed's files: every rank its ZeRO shard
+    ema/rank-<r>.safetensors     every rank its slice of the EMA (dalle2.train.ema)
+    ema/layout.json              rank 0: parameter shapes and world size
+    extra.safetensors            rank 0: state beside the weights (the prior's embedding stats)
+    train_state.json             rank 0: step, data position (epoch, batches into it), samples seen
+    job.json                     rank 0: the job config and the model config (export rebuilds from it)
+    manifest.json                rank 0: every file of every rank with its size
+
+A checkpoint is *complete* when every file of its manifest is there with its size: a crash
+while saving or uploading leaves no manifest, or files missing from it, and such a folder is
+never resumed from or exported (Ray Train only registers a checkpoint once all ranks reported
+it; the manifest makes the same check possible for anyone reading the storage).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator, Optional
+
+import pyarrow.fs as pafs
+import torch
+from safetensors.torch import load_file, save_file
+
+from dalle2.config import CONFIG_CLASSES, from_dict
+from dalle2.data import storage
+from dalle2.train.ema import consolidate
+
+CHECKPOINT_PREFIX = "checkpoint-"
+MANIFEST, TRAIN_STATE, JOB_FILE, EXTRA_FILE = "manifest.json", "train_state.json", "job.json", "extra.safetensors"
+DEEPSPEED_DIR, EMA_DIR, EMA_LAYOUT = "deepspeed", "ema", "layout.json"
+FORMAT = "dalle2-train-checkpoint"
+MODEL_PREFIX = "model."  # the engine wraps the model in a loss module (dalle2.train.tasks)
+
+
+class CheckpointError(ValueError):
+    """A run or checkpoint that cannot be resumed or exported."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # the epoch being read
+    batches_in_epoch: int = 0  # micro-batches of that epoch this worker has consumed
+    samples: int = 0  # samples seen by all workers together
+    elapsed_s: float = 0.0  # training time of all attempts so far
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def deepspeed_tag(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def ema_file(rank: int) -> str:
+    return f"{EMA_DIR}/rank-{rank:05d}.safetensors"
+
+
+# ------------------------------------------------------------------------------- writing
+
+
+def local_files(folder: str) -> dict[str, int]:
+    """{path relative to folder: size in bytes} of every file below ``folder``."""
+    found = {}
+    for root, _dirs, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            found[os.path.relpath(path, folder).replace(os.sep, "/")] = os.path.getsize(path)
+    return found
+
+
+def write_json(path: str, data: Any) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as file:
+        json.dump(data, file, indent=2)
+
+
+def write_rank_files(folder: str, rank: int, ema_state: Optional[dict[str, torch.Tensor]]) -> None:
+    if ema_state is not None:
+        os.makedirs(os.path.join(folder, EMA_DIR), exist_ok=True)
+        save_file({k: v.contiguous() for k, v in ema_state.items()}, os.path.join(folder, ema_file(rank)))
+
+
+def write_rank0_files(folder: str, *, state: TrainState, job: dict, model_kind: str, model_config: dict, zero_stage: int, world_size: int, ema_layout: Optional[dict], extra: dict[str, torch.Tensor]) -> None:
+    write_json(os.path.join(folder, TRAIN_STATE), asdict(state))
+    write_json(
+        os.path.join(folder, JOB_FILE),
+        {"job": job, "model_kind": model_kind, "model_config": model_config, "zero_stage": zero_stage, "world_size": world_size},
+    )
+    if ema_layout is not None:
+        write_json(os.path.join(folder, EMA_DIR, EMA_LAYOUT), ema_layout)
+    if extra:
+        save_file({k: v.contiguous() for k, v in extra.items()}, os.path.join(folder, EXTRA_FILE))
+
+
+def write_manifest(folder: str, files_of_ranks: list[dict[str, int]], step: int) -> None:
+    """Rank 0, last: the files every rank wrote (``files_of_ranks[r]``), which must all be present."""
+    files: dict[str, int] = {}
+    for rank_files in files_of_ranks:
+        files.update(rank_files)
+    write_json(os.path.join(folder, MANIFEST), {"format": FORMAT, "version": 1, "step": step, "files": files})
+
+
+# ------------------------------------------------------------------------------- reading
+
+
+def _sizes(uri: str) -> dict[str, int]:
+    fs, path = storage.resolve(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    except OSError as error:
+        raise CheckpointError(f"cannot list {uri}: {error}") from error
+    return {os.path.relpath(i.path, path).replace(os.sep, "/"): i.size for i in infos if i.type == pafs.FileType.File}
+
+
+def check_complete(uri: str) -> dict:
+    """The manifest of the checkpoint at ``uri`` if every file it lists is there with its size;
+    else a CheckpointError that says what is missing."""
+    sizes = _sizes(uri)
+    if MANIFEST not in sizes:
+        raise CheckpointError(f"{uri}: no {MANIFEST} (not a checkpoint, or one whose saving did not finish)")
+    manifest = json.loads(storage.read_bytes(storage.join(uri, MANIFEST)))
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{uri}: {MANIFEST} is not a dalle2 training checkpoint manifest")
+    wrong = [name for name, size in manifest["files"].items() if sizes.get(name) != size]
+    if wrong:
+        raise CheckpointError(f"{uri}: incomplete checkpoint, {len(wrong)} files missing or truncated (first: {wrong[0]})")
+    return manifest
+
+
+def latest_checkpoint(run_uri: str) -> str:
+    """The newest complete checkpoint of a run folder (or ``run_uri`` itself if it is one)."""
+    if storage.exists(storage.join(run_uri, MANIFEST)):
+        check_complete(run_uri)
+        return run_uri
+    fs, path = storage.resolve(run_uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError as error:
+        raise CheckpointError(f"cannot list {run_uri}: {error}") from error
+    names = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX)), reverse=True)
+    for name in names:
+        uri = storage.join(run_uri, name)
+        try:
+            check_complete(uri)
+        except CheckpointError:
+            continue  # a checkpoint whose saving was interrupted: take the one before
+        return uri
+    raise CheckpointError(f"{run_uri}: no complete checkpoint (looked for {CHECKPOINT_PREFIX}* folders with a manifest)")
+
+
+@contextmanager
+def local_copy(uri: str) -> Iterator[str]:
+    """A local folder with the checkpoint's files (the folder itself when it is local)."""
+    fs, path = storage.resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="dalle2-checkpoint-") as folder:
+        pafs.copy_files(path, folder, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        yield folder
+
+
+def read_json(folder: str, name: str) -> Any:
+    with open(os.path.join(folder, name)) as file:
+        return json.load(file)
+
+
+def read_train_state(folder: str) -> TrainState:
+    return TrainState(**read_json(folder, TRAIN_STATE))
+
+
+def read_extra(folder: str) -> dict[str, torch.Tensor]:
+    path = os.path.join(folder, EXTRA_FILE)
+    return load_file(path) if os.path.exists(path) else {}
+
+
+def read_ema_shard(folder: str, rank: int) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(folder, ema_file(rank)))
+
+
+def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name[len(MODEL_PREFIX) :]: tensor for name, tensor in state.items() if name.startswith(MODEL_PREFIX)}
+
+
+def consolidated_weights(folder: str) -> dict[str, torch.Tensor]:
+    """The whole model's trained weights (float32) from the DeepSpeed files of every rank:
+    the fp32 master weights of ZeRO 1-3 (``zero_to_fp32``), the module itself at stage 0."""
+    info = read_json(folder, JOB_FILE)
+    step = read_train_state(folder).step
+    ds_folder = os.path.join(folder, DEEPSPEED_DIR)
+    if info["zero_stage"] == 0:
+        states = torch.load(os.path.join(ds_folder, deepspeed_tag(step), "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+        state = {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in states["module"].items()}
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(ds_folder, tag=deepspeed_tag(step))
+    return _strip_prefix(state)
+
+
+def ema_weights(folder: str) -> Optional[dict[str, torch.Tensor]]:
+    """The whole EMA parameters from the slices of every rank, or None when the run kept no EMA."""
+    layout_path = os.path.join(folder, EMA_DIR, EMA_LAYOUT)
+    if not os.path.exists(layout_path):
+        return None
+    layout = read_json(folder, f"{EMA_DIR}/{EMA_LAYOUT}")
+    return consolidate([read_ema_shard(folder, r) for r in range(layout["world_size"])], layout)
+
+
+# ------------------------------------------------------------------------------- export
+
+
+def _model_shapes(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors reshaped to the model's shapes where only the shape differs: the loop trains
+    0-dim parameters as [1] tensors (dalle2.train.loop.promote_scalar_parameters)."""
+    return {
+        name: tensor.reshape(expected[name].shape)
+        if name in expected and tensor.shape != expected[name].shape and tensor.numel() == expected[name].numel()
+        else tensor
+        for name, tensor in state.items()
+    }
+
+
+
+def load_trained_model(folder: str, weights: str = "ema"):
+    """(kind, model) rebuilt from a local checkpoint folder; ``weights`` is ``ema`` (the
+    average, what diffusion models sample with; the trained weights when the run kept none)
+    or ``raw`` (the optimizer's weights)."""
+    from dalle2.factory import create_model
+
+    if weights not in ("ema", "raw"):
+        raise CheckpointError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    info = read_json(folder, JOB_FILE)
+    kind = info["model_kind"]
+    config = from_dict(CONFIG_CLASSES[kind], info["model_config"])
+    model = create_model(kind, config)
+    state = consolidated_weights(folder)
+    average = ema_weights(folder) if weights == "ema" else None
+    if average is not None:
+        state.update(average)  # parameters from the EMA; buffers from the model
+    model.load_state_dict(_model_shapes(state, model.state_dict()))
+    extra = read_extra(folder)
+    if extra and hasattr(model, "load_embedding_stats"):
+        model.load_embedding_stats(extra)
+    return kind, model.eval()
+
+
+def export_run(run_uri: str, out_uri: str, weights: str = "ema") -> str:
+    """Consolidate the latest complete checkpoint of ``run_uri`` (every ZeRO stage) into a model
+    bundle at ``out_uri`` (dalle2.bundle); returns ``out_uri``."""
+    from dalle2.bundle import save_bundle
+
+    checkpoint = latest_checkpoint(run_uri)
+    with local_copy(checkpoint) as folder:
+        kind, model = load_trained_model(folder, weights)
+        step = read_train_state(folder).step
+    return save_bundle(model, kind, out_uri, metadata={"checkpoint": checkpoint, "step": step, "weights": weights})

@@ -1,0 +1,176 @@
+"""The driver side of a training job: check everything that can be checked, then start Ray Train.
+
+    result = run_job(load_job_config("decoder", "jobs/configs/decoder-tiny-cpu.yaml", {...}))
+
+Before any worker starts, :func:`check_job` raises one clear error for a config that cannot
+run: wrong keys or types (already at load), a frozen CLIP bundle that is missing or of another
+kind, a dataset path without Parquet rows, more workers than the cluster can place (or none
+of its CPU left for the data pipeline). Then a ``TorchTrainer`` runs :func:`train_worker` on
+every worker, with ``RunConfig(storage_path, name)``: the same name resumes the run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import pyarrow.parquet as pq
+
+from dalle2.config import ClipConfig, from_dict, to_dict
+from dalle2.data import storage
+from dalle2.data.schema import TRAINING_COLUMNS, DatasetError, check_columns, dataset_files, read_schema
+from dalle2.train.config import ConfigError, DataFormat, JobConfig, ScalingSpec, job_to_dict, resolve_model_config
+from dalle2.train.embeddings import EMBEDDING_COLUMNS
+from dalle2.train.loop import TrainHooks, train_worker
+from dalle2.train.tasks import data_resolution
+
+EPSILON = 1e-9  # resource arithmetic with fractional CPUs
+
+
+@dataclass
+class CheckedJob:
+    job: JobConfig
+    model_config: Any
+    clip_config: Optional[ClipConfig]
+    image_size: int
+    context_length: int
+
+    @property
+    def run_uri(self) -> str:
+        return storage.join(self.job.run.storage, self.job.run.name)
+
+
+@dataclass
+class TrainResult:
+    run_uri: str
+    checkpoint_uri: Optional[str]
+    metrics: dict[str, Any]
+    dropped_rows: dict[str, int] = field(default_factory=dict)
+
+
+def check_clip_bundle(job: JobConfig) -> Optional[ClipConfig]:
+    """The frozen CLIP's config from its bundle header (the weights load on the workers)."""
+    from dalle2.bundle import read_bundle_header
+
+    if not job.needs_clip:
+        if job.clip:
+            raise ConfigError(f"clip: the {job.job} job does not use a frozen CLIP (remove --clip)")
+        return None
+    if not job.clip:
+        raise ConfigError(f"clip: the {job.job} job learns from a frozen CLIP: give --clip BUNDLE (`dalle2 export` of a clip run)")
+    header = read_bundle_header(job.clip)
+    if header["kind"] != "clip":
+        raise ConfigError(f"clip: {job.clip} is a {header['kind']} bundle, not a CLIP bundle")
+    return from_dict(ClipConfig, header["config"])
+
+
+def check_rows(path: str, columns: tuple[str, ...] = TRAINING_COLUMNS) -> int:
+    """Parquet files with ``columns`` and at least one row at ``path``, else one error
+    (FileNotFoundError, StorageError or DatasetError). Reads file footers only, and stops at
+    the first file with rows."""
+    files = dataset_files(path)
+    check_columns(read_schema(files[0]), columns, files[0])
+    for file_uri in files:
+        with storage.open_input(file_uri) as file:
+            rows = pq.ParquetFile(file).metadata.num_rows
+        if rows:
+            return rows
+    raise DatasetError(f"{path}: {len(files)} Parquet files but no rows in them")
+
+
+def check_placement(scaling: ScalingSpec, data_cpus: float, nodes: list[dict]) -> None:
+    """Whether ``scaling.workers`` workers fit on the alive ``nodes`` (``ray.nodes()``) with CPU
+    left for the data pipeline's tasks; Ray would otherwise wait for resources forever."""
+    need_cpu = scaling.cpus_per_worker
+    need_gpu = scaling.gpus_per_worker if scaling.use_gpu else 0.0
+    placeable, total_cpu, total_gpu = 0, 0.0, 0.0
+    for node in nodes:
+        if not node.get("Alive", True):
+            continue
+        cpu, gpu = node["Resources"].get("CPU", 0.0), node["Resources"].get("GPU", 0.0)
+        total_cpu, total_gpu = total_cpu + cpu, total_gpu + gpu
+        fits = math.floor(cpu / need_cpu + EPSILON)
+        if need_gpu:
+            fits = min(fits, math.floor(gpu / need_gpu + EPSILON))
+        placeable += fits
+    wanted = f"{scaling.workers} workers of {need_cpu:g} CPU" + (f" + {need_gpu:g} GPU" if need_gpu else "")
+    have = f"{total_cpu:g} CPU" + (f", {total_gpu:g} GPU" if need_gpu else "") + f" on {len(nodes)} node(s)"
+    if placeable < scaling.workers:
+        raise ConfigError(f"scaling: {wanted} cannot be placed: the cluster has {have} (fewer workers, or less per worker)")
+    if total_cpu - scaling.workers * need_cpu < data_cpus - EPSILON:
+        raise ConfigError(
+            f"scaling: {wanted} leave no CPU for the data pipeline ({data_cpus:g} per task) on a cluster of {have}: "
+            "lower scaling.cpus_per_worker (fractional CPUs are fine)"
+        )
+
+
+def check_job(job: JobConfig) -> CheckedJob:
+    """Every check that needs no cluster; raises before anything starts."""
+    clip_config = check_clip_bundle(job)
+    model_config = resolve_model_config(job.model, clip_config)
+    if not job.data.path:
+        raise ConfigError("data.path is empty: give --data URI (a local folder, file:// or s3://)")
+    check_rows(job.data.path, EMBEDDING_COLUMNS if job.data.format is DataFormat.EMBEDDINGS else TRAINING_COLUMNS)
+    image_size, context_length = data_resolution(job.model_kind, model_config, clip_config)
+    return CheckedJob(job, model_config, clip_config, image_size, context_length)
+
+
+def training_datasets(checked: CheckedJob):
+    """(train, validation, dropped-rows actor or None) Ray datasets of a checked job."""
+    from dalle2.data.pipeline import DataConfig, build_datasets
+    from dalle2.train.embeddings import build_embedding_datasets
+
+    spec = checked.job.data
+    if spec.format is DataFormat.EMBEDDINGS:
+        return (*build_embedding_datasets(spec.path, spec.validation_fraction, spec.cpus_per_task), None)
+    data = build_datasets(
+        DataConfig(
+            path=spec.path, image_size=checked.image_size, context_length=checked.context_length,
+            validation_fraction=spec.validation_fraction, flip=spec.flip,
+            batch_size=spec.preprocess_batch_size, cpus_per_task=spec.cpus_per_task,
+        )
+    )  # fmt: skip
+    return data.train, data.validation, data.dropped
+
+
+def run_job(job: JobConfig, hooks: Optional[TrainHooks] = None) -> TrainResult:
+    """Check the job, start (or join) Ray, and train; resumes when the run already has checkpoints."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from dalle2.train.progress import make_progress_callback
+
+    checked = check_job(job)
+    if not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS or a `ray job submit` driver joins its cluster; else a local one
+    check_placement(job.scaling, job.data.cpus_per_task, ray.nodes())
+
+    train, validation, dropped = training_datasets(checked)
+    filesystem, storage_path = storage.resolve(job.run.storage)
+    resources = {"CPU": job.scaling.cpus_per_worker}
+    if job.scaling.use_gpu:
+        resources["GPU"] = job.scaling.gpus_per_worker
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "job": job_to_dict(job), "model_config": to_dict(checked.model_config),
+            "run_uri": checked.run_uri, "hooks": hooks,
+        },
+        torch_config=TorchConfig(backend=job.scaling.backend.value),
+        scaling_config=ScalingConfig(num_workers=job.scaling.workers, use_gpu=job.scaling.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=job.run.name, storage_path=storage_path, storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=job.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=job.loop.keep_checkpoints),
+            callbacks=[make_progress_callback(job.job, checked.run_uri, dropped)],
+        ),
+        datasets={"train": train, "validation": validation},
+    )  # fmt: skip
+    result = trainer.fit()
+    checkpoint_uri = None
+    if result.checkpoint is not None:
+        checkpoint_uri = storage.join(checked.run_uri, result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
+    dropped_rows = ray.get(dropped.totals.remote()) if dropped is not None else {}
+    return TrainResult(checked.run_uri, checkpoint_uri, dict(result.metrics or {}), dropped_rows)

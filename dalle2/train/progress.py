@@ -1,0 +1,100 @@
+"""Progress people can follow: one line per report on the driver, and a metrics CSV in the run folder.
+
+:class:`ProgressCallback` is a Ray Train ``UserCallback``: it runs in the Train controller, sees
+every report of rank 0 (whose metrics are already averaged over the workers) and appends them
+to ``<run>/metrics.csv`` (local folder or ``s3://``), with the count of rows the data pipeline
+dropped so far.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from typing import Any, Optional
+
+from dalle2.data import storage
+
+CSV_COLUMNS = (
+    "step", "epoch", "samples", "loss", "val_loss", "lr", "steps_per_s", "samples_per_s",
+    "eta_s", "elapsed_s", "dropped_rows", "sample_grid",
+)  # fmt: skip
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def progress_line(job: str, metrics: dict[str, Any]) -> str:
+    """``decoder step 40/200 (20%) | loss 0.1234 | val 0.1100 | 3.20 steps/s | 51.2 samples/s | lr 3.0e-04 | eta 0:00:50``"""
+    step, total = metrics["step"], metrics.get("max_steps") or metrics["step"]
+    parts = [f"{job} step {step}/{total} ({100 * step // max(total, 1)}%)", f"loss {metrics['loss']:.4f}"]
+    if "val_loss" in metrics:
+        parts.append(f"val {metrics['val_loss']:.4f}")
+    parts += [
+        f"{metrics['steps_per_s']:.2f} steps/s",
+        f"{metrics['samples_per_s']:.1f} samples/s",
+        f"lr {metrics['lr']:.1e}",
+        f"eta {format_duration(metrics['eta_s'])}",
+    ]
+    if metrics.get("sample_grid"):
+        parts.append(f"samples {metrics['sample_grid']}")
+    return " | ".join(parts)
+
+
+class MetricsLog:
+    """Rows appended to a CSV at a URI. Local files are appended to; an object store has no
+    append, so the file is rewritten with all rows (small: one row per report)."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self._local = not uri.startswith("s3://")
+        self._text: Optional[str] = None  # object stores: the whole file
+
+    def append(self, row: dict[str, Any]) -> None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        if self._local:
+            path = storage.path_of(self.uri)
+            new = not os.path.exists(path)
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "a", newline="") as file:
+                file.write(buffer.getvalue())
+            return
+        if self._text is None:
+            self._text = storage.read_bytes(self.uri).decode() if storage.exists(self.uri) else ""
+        if not self._text:
+            writer.writeheader()
+        writer.writerow(row)
+        self._text += buffer.getvalue()
+        storage.write_bytes(self.uri, self._text.encode())
+
+
+def read_metrics(uri: str) -> list[dict[str, str]]:
+    """The rows of a run's metrics CSV."""
+    return list(csv.DictReader(io.StringIO(storage.read_bytes(uri).decode())))
+
+
+def make_progress_callback(job: str, run_uri: str, dropped_rows=None):
+    """A Ray Train UserCallback (built here so that this module imports without Ray)."""
+    import ray
+    from ray.train import UserCallback
+
+    class ProgressCallback(UserCallback):
+        def __init__(self) -> None:
+            self.log = MetricsLog(storage.join(run_uri, "metrics.csv"))
+
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            if not metrics or "step" not in metrics[0]:
+                return
+            row = dict(metrics[0])
+            if dropped_rows is not None:
+                row["dropped_rows"] = sum(ray.get(dropped_rows.totals.remote()).values())
+            print(progress_line(job, row), flush=True)
+            self.log.append(row)
+
+    return ProgressCallback()

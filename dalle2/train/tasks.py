@@ -1,0 +1,319 @@
+"""What each model learns from a batch: plain PyTorch, no Ray, no DeepSpeed.
+
+A task turns a batch of the data pipeline (numpy: ``image`` uint8 [B, S, S, 3], ``tokens``
+int64 [B, L], ``caption`` [B]) into model inputs, and wraps the model in a *loss module* whose
+``forward(**inputs, generator=None)`` returns the scalar loss. The training loop hands the loss
+module to DeepSpeed, so under ZeRO-3 every parameter the loss touches is used inside a
+module's forward, where ZeRO gathers it. The model itself (what a bundle holds) is always
+``loss_module.model``.
+
+- CLIP: symmetric contrastive loss over the batch gathered from every worker (Radford et al. 2021).
+- Prior: MSE of the predicted unnoised CLIP image embedding from the frozen CLIP's text
+  encoding (DALL-E 2 sec. 2.2); embedding statistics estimated from data first.
+- Decoder: DDPM L_simple (Ho et al. 2020) on images, conditioned on the frozen CLIP's image
+  embedding and the caption, dropped 10% / 50% for guidance (DALL-E 2 sec. 2.1).
+- Upsamplers: L_simple on random crops of a quarter of the size, the low-resolution input
+  corrupted by blur or BSR degradation (DALL-E 2 sec. 2.1; Ho et al. 2021).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch import Tensor, nn
+
+from dalle2.clip import tokenize
+from dalle2.clip_loss import ContrastiveLoss
+from dalle2.data.preprocess import to_model_images
+from dalle2.diffusion import ClassifierFreeGuidance, GaussianDiffusion
+from dalle2.factory import create_model
+from dalle2.train.samples import image_grid, similarity_image
+
+DEFAULT_CONTEXT_LENGTH = 77  # captions of models without CLIP (the upsamplers ignore them)
+MAX_LOGIT_SCALE = 100.0  # CLIP clamps its learned temperature at 100 (Radford et al. 2021, sec. 2.5)
+Batch = dict[str, np.ndarray]
+
+
+def _images(batch: Batch, device, dtype) -> Tensor:
+    """uint8 [B, S, S, 3] -> [B, 3, S, S] in [-1, 1]."""
+    return to_model_images(torch.from_numpy(np.array(batch["image"]))).to(device=device, dtype=dtype)  # a writable copy
+
+
+def _tokens(batch: Batch, context_length: int, device) -> Tensor:
+    """[B, L] BPE ids: the pipeline's tokens when their length fits, else the captions re-tokenized."""
+    tokens = torch.from_numpy(np.array(batch["tokens"]))
+    if tokens.shape[1] != context_length:
+        tokens = tokenize([str(c) for c in batch["caption"]], context_length)
+    return tokens.to(device)
+
+
+def _all_reduce_sum(tensor: Tensor) -> Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def data_resolution(kind: str, model_config: Any, clip_config: Any = None) -> tuple[int, int]:
+    """(image size, caption tokens) the data pipeline delivers for a model of ``kind``: CLIP's
+    own for CLIP and the prior (whose CLIP sees the images), the decoder's or upsampler's target
+    size for those; captions always at CLIP's context length (the decoder re-tokenizes for its own)."""
+    if kind == "clip":
+        return model_config.image_size, model_config.context_length
+    context_length = clip_config.context_length if clip_config is not None else DEFAULT_CONTEXT_LENGTH
+    if kind == "prior":
+        return clip_config.image_size, context_length
+    return model_config.image_size, context_length
+
+
+# ------------------------------------------------------------------------------- loss modules
+
+
+class ContrastiveClipLoss(nn.Module):
+    def __init__(self, model: nn.Module, rank: int, world_size: int):
+        super().__init__()
+        self.model = model
+        self.contrastive = ContrastiveLoss(rank, world_size)
+
+    def forward(self, images: Tensor, tokens: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        image_features, text_features = self.model(images, tokens)  # [N, D] each, L2-normalised
+        return self.contrastive(image_features, text_features, self.model.logit_scale.clamp(max=MAX_LOGIT_SCALE))
+
+
+class PriorLoss(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image_embed, text_embed, text_hidden, text_mask, generator=None) -> Tensor:
+        # DeepSpeed keeps buffers in float32 under bf16/fp16, and the prior's normalisation would
+        # then promote x0 to float32 ahead of a bf16 network: keep its statistics in the inputs'
+        # dtype (PriorTask.extra_state saves the float32 originals).
+        for name in ("image_mean", "image_std"):
+            buffer = getattr(self.model, name)
+            if buffer.dtype != image_embed.dtype:
+                buffer.data = buffer.data.to(image_embed.dtype)
+        return self.model.loss(image_embed, text_embed, text_hidden, text_mask, generator=generator)
+
+
+class DiffusionLoss(nn.Module):
+    """Mean L_simple of an image network that holds no diffusion (decoder, upsampler)."""
+
+    def __init__(self, model: nn.Module, diffusion: GaussianDiffusion):
+        super().__init__()
+        self.model = model
+        self.diffusion = diffusion
+
+    def forward(self, x0: Tensor, generator: Optional[torch.Generator] = None, **cond) -> Tensor:
+        if hasattr(self.model, "random_drop_masks"):  # the decoder: guidance drops (10% / 50%)
+            cond["drop_image_embed"], cond["drop_text"] = self.model.random_drop_masks(x0.shape[0], generator)
+        return self.diffusion.training_loss(self.model, x0, generator=generator, **cond).mean()
+
+
+# ------------------------------------------------------------------------------- tasks
+
+
+class Task:
+    """Base of the four tasks. ``model_config`` is the config of the model trained;
+    ``clip`` the frozen CLIP (prior, decoder), already on ``device``."""
+
+    kind: str
+    uses_clip = False
+    needs_preparation = False  # prepare() reads the first batches of a new run
+    accepts_embeddings = False  # batches of precomputed CLIP embeddings (dalle2.train.embeddings)
+
+    def __init__(self, kind: str, model_config: Any, *, device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1, clip: Optional[nn.Module] = None, precomputed: bool = False):
+        self.kind, self.config = kind, model_config
+        self.device, self.rank, self.world_size = torch.device(device), rank, world_size
+        if self.uses_clip and clip is None and not (precomputed and self.accepts_embeddings):
+            raise ValueError(f"the {kind} task needs a frozen CLIP")
+        self.clip = None if clip is None else clip.to(self.device).eval().requires_grad_(False)
+
+    # -- data --------------------------------------------------------------------------------
+    @property
+    def image_size(self) -> int:
+        """The resolution the data pipeline delivers."""
+        return data_resolution(self.kind, self.config, None if self.clip is None else self.clip.config)[0]
+
+    @property
+    def context_length(self) -> int:
+        """Caption tokens the data pipeline delivers."""
+        return data_resolution(self.kind, self.config, None if self.clip is None else self.clip.config)[1]
+
+    def inputs(self, batch: Batch, dtype: torch.dtype = torch.float32, generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    # -- model -------------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        return create_model(self.kind, self.config)
+
+    def loss_module(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def external_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """Parameters the loss uses outside the forward of the module that owns them (ZeRO-3
+        must be told, ``deepspeed.zero.register_external_parameter``)."""
+        return []
+
+    # -- state beside the weights (the prior's embedding statistics) -------------------------
+    def prepare(self, model: nn.Module, batches: Iterable[Batch]) -> None:
+        """Before the first step of a new run."""
+
+    def extra_state(self, model: nn.Module) -> dict[str, Tensor]:
+        return {}
+
+    def load_extra_state(self, model: nn.Module, state: dict[str, Tensor]) -> None:
+        """Restore what :meth:`extra_state` saved."""
+
+    # -- validation pictures ----------------------------------------------------------------
+    def sample_figure(self, model: nn.Module, batch: Batch, *, steps: int, guidance_scale: float, generator: torch.Generator) -> Optional[Image.Image]:
+        """A PNG-able picture of samples for a validation batch (None: the model has none)."""
+        return None
+
+    def _sample_steps(self, steps: int) -> int:
+        return steps or self.config.diffusion.sample_steps
+
+
+class ClipTask(Task):
+    def inputs(self, batch, dtype=torch.float32, generator=None):
+        return {"images": _images(batch, self.device, dtype), "tokens": _tokens(batch, self.context_length, self.device)}
+
+    def loss_module(self, model):
+        return ContrastiveClipLoss(model, self.rank, self.world_size)
+
+    def external_parameters(self, model):
+        # open_clip's CLIP holds positional_embedding, text_projection and logit_scale itself but
+        # its forward is not called (encode_image/encode_text are): the loss module uses them.
+        return list(model.model.parameters(recurse=False))
+
+
+class PriorTask(Task):
+    uses_clip = True
+    needs_preparation = True
+    accepts_embeddings = True
+
+    @torch.no_grad()
+    def _encode(self, batch: Batch) -> dict[str, Tensor]:
+        if "image_embed" in batch:  # computed beforehand by `dalle2 data embed`
+            tokens = torch.from_numpy(np.array(batch["tokens"])).to(self.device)
+            embeds = {name: torch.from_numpy(np.array(batch[name])).to(self.device).float() for name in ("image_embed", "text_embed", "text_hidden")}
+            return {**embeds, "text_mask": tokens != 0}
+        if self.clip is None:
+            raise ValueError("a batch of images, but the prior task was built for precomputed embeddings (no CLIP)")
+        text = self.clip.encode_text(_tokens(batch, self.context_length, self.device))
+        image_embed = self.clip.encode_image(_images(batch, self.device, torch.float32))
+        return {"image_embed": image_embed, "text_embed": text.embed, "text_hidden": text.hidden, "text_mask": text.mask}
+
+    def inputs(self, batch, dtype=torch.float32, generator=None):
+        return {k: v.to(dtype) if v.is_floating_point() else v for k, v in self._encode(batch).items()}
+
+    def loss_module(self, model):
+        return PriorLoss(model)
+
+    @torch.no_grad()
+    def prepare(self, model, batches):
+        """Per-dimension mean/std of the CLIP image embeddings of the first batches of every
+        worker, summed over workers, so all ranks hold the same statistics."""
+        dim = self.config.embed_dim
+        moments = torch.zeros(2 * dim + 1, dtype=torch.float64, device=self.device)  # [sum, sum of squares, count]
+        for batch in batches:
+            embeds = self._encode(batch)["image_embed"].double()  # [B, D]
+            moments += torch.cat([embeds.sum(0), embeds.pow(2).sum(0), embeds.new_tensor([len(embeds)])])
+        total, squares, count = _all_reduce_sum(moments).split([dim, dim, 1])
+        if count.item() < 2:
+            raise ValueError("the prior needs at least 2 training images to estimate its embedding statistics")
+        mean = total / count
+        variance = ((squares - count * mean**2) / (count - 1)).clamp_min(0)
+        self.load_extra_state(model, {"image_mean": mean.float(), "image_std": variance.sqrt().float().clamp_min(1e-6)})
+
+    def extra_state(self, model):
+        # The float32 statistics as estimated: the engine may have cast the model's buffers to bf16.
+        stats = self._stats if getattr(self, "_stats", None) else model.embedding_stats()
+        return {name: value.detach().float().cpu() for name, value in stats.items()}
+
+    def load_extra_state(self, model, state):
+        self._stats = {name: value.detach().float().cpu() for name, value in state.items()}
+        model.load_embedding_stats(state)
+
+    @torch.no_grad()
+    def sample_figure(self, model, batch, *, steps, guidance_scale, generator):
+        """Cosine similarity of sampled image embeddings (rows) with the true ones (columns):
+        a bright diagonal means each caption's sample resembles its own image."""
+        encoded = self.inputs(batch, dtype=next(model.parameters()).dtype)
+        sampled = model.sample(
+            encoded["text_embed"], encoded["text_hidden"], encoded["text_mask"],
+            steps=self._sample_steps(steps), guidance_scale=guidance_scale, generator=generator,
+        )  # fmt: skip
+        sampled = nn.functional.normalize(sampled.float(), dim=-1)
+        truth = nn.functional.normalize(encoded["image_embed"].float(), dim=-1)
+        return similarity_image(sampled @ truth.T)
+
+
+class DecoderTask(Task):
+    uses_clip = True
+
+    def inputs(self, batch, dtype=torch.float32, generator=None):
+        images = _images(batch, self.device, torch.float32)  # [B, 3, S, S]
+        with torch.no_grad():
+            image_embed = self.clip.encode_image(images)  # [B, D]; resized to CLIP's input inside
+        return {
+            "x0": images.to(dtype),
+            "image_embed": image_embed.to(dtype),
+            "text_tokens": _tokens(batch, self.config.text.context_length, self.device),
+        }
+
+    def loss_module(self, model):
+        return DiffusionLoss(model, GaussianDiffusion.from_config(self.config.diffusion))
+
+    @torch.no_grad()
+    def sample_figure(self, model, batch, *, steps, guidance_scale, generator):
+        """Rows: the validation images, then the decoder's samples from their CLIP embeddings and captions."""
+        dtype = next(model.parameters()).dtype
+        inputs = self.inputs(batch, dtype=dtype)
+        truth = inputs["x0"]
+        guided = ClassifierFreeGuidance(model, guidance_scale, type(model).drop_keys)
+        process = GaussianDiffusion.from_config(self.config.diffusion).respace(self._sample_steps(steps))
+        samples = process.sample(
+            guided, tuple(truth.shape), generator=generator, device=truth.device, clip_x0=1.0,
+            image_embed=inputs["image_embed"], text_tokens=inputs["text_tokens"],
+        )  # fmt: skip
+        return image_grid([truth, samples])
+
+
+class UpsamplerTask(Task):
+    def inputs(self, batch, dtype=torch.float32, generator=None):
+        """Random aligned crops of the target and of its degraded low-resolution version."""
+        from dalle2.upsampler import degrade, downsample, random_crop_pair
+
+        high_res = _images(batch, self.device, torch.float32)  # [B, 3, H, W]
+        low_res = degrade(downsample(high_res, self.config.low_res), self.config.degradation, generator)
+        high_crop, low_crop = random_crop_pair(high_res, low_res, self.config.crop_fraction, generator)
+        return {"x0": high_crop.to(dtype), "low_res": low_crop.to(dtype)}
+
+    def loss_module(self, model):
+        return DiffusionLoss(model, GaussianDiffusion.from_config(self.config.diffusion))
+
+    @torch.no_grad()
+    def sample_figure(self, model, batch, *, steps, guidance_scale, generator):
+        """Rows: the low-resolution input (no degradation at sampling), the upsampled sample, the target."""
+        from dalle2.upsampler import downsample
+
+        dtype = next(model.parameters()).dtype
+        truth = _images(batch, self.device, dtype)
+        low_res = downsample(truth, self.config.low_res)
+        process = GaussianDiffusion.from_config(self.config.diffusion).respace(self._sample_steps(steps))
+        samples = process.sample(model, tuple(truth.shape), generator=generator, device=truth.device, clip_x0=1.0, low_res=low_res)
+        return image_grid([low_res, samples, truth])
+
+
+TASKS: dict[str, type[Task]] = {"clip": ClipTask, "prior": PriorTask, "decoder": DecoderTask, "upsampler": UpsamplerTask}
+
+
+def make_task(job: str, kind: str, model_config: Any, **kwargs) -> Task:
+    """The task of ``job`` (clip | prior | decoder | upsampler) for a model of ``kind``."""
+    if job not in TASKS:
+        raise ValueError(f"unknown job {job!r}; choose one of {', '.join(TASKS)}")
+    return TASKS[job](kind, model_config, **kwargs)

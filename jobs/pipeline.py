@@ -1,0 +1,256 @@
+"""The whole system, stage by stage: data -> CLIP -> prior -> decoder -> upsampler -> serve -> images.
+
+    python -m jobs.pipeline --config jobs/configs/demo-tiny-cpu.yaml     # = dalle2 pipeline --config ...
+    dalle2 demo                                                          # the same with the demo config
+
+Each stage writes one output whose presence means "done": the dataset's Parquet files, a model
+bundle (``dalle2 export`` writes its config.json last), the PNG grid. Rerunning skips finished
+stages; a stage that was interrupted resumes its Ray Train run by name (same ``<workdir>/runs/<stage>``).
+Paths may be local or ``s3://``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import socket
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+from dalle2.config import from_dict
+from dalle2.data import storage
+
+TRAIN_STAGES = ("clip", "prior", "decoder", "upsampler")
+DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "demo-tiny-cpu.yaml")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    config: str  # job YAML, relative to the pipeline config's folder
+    max_steps: Optional[int] = None
+    workers: Optional[int] = None
+    zero_stage: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class ShapesSpec:
+    count: int = 4096
+    size: int = 64
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ServeSpec:
+    prompts: tuple[str, ...] = ("a red circle", "a blue square", "a green triangle")
+    n: int = 2
+    port: int = 0  # 0 = any free port on 127.0.0.1
+    config: str = ""  # serve config YAML; "" = serve/config.yaml
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    workdir: str  # runs, bundles and outputs live under it (local or s3://)
+    clip: StageSpec
+    prior: StageSpec
+    decoder: StageSpec
+    upsampler: Optional[StageSpec] = None
+    data: str = ""  # image-caption Parquet; "" = build the shapes dataset in <workdir>/data
+    shapes: ShapesSpec = field(default_factory=ShapesSpec)
+    serve: ServeSpec = field(default_factory=ServeSpec)
+    base_dir: str = "."  # where relative job configs are found (the pipeline config's folder)
+
+    @property
+    def data_uri(self) -> str:
+        return self.data or storage.join(self.workdir, "data")
+
+    def bundle(self, name: str) -> str:
+        return storage.join(self.workdir, "bundles", name)
+
+    @property
+    def grid_uri(self) -> str:
+        return storage.join(self.workdir, "demo-grid.png")
+
+
+def load_pipeline_config(path: str) -> PipelineConfig:
+    import yaml
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such pipeline config")
+    with open(path) as file:
+        raw = yaml.safe_load(file) or {}
+    raw.setdefault("base_dir", os.path.dirname(os.path.abspath(path)))
+    return from_dict(PipelineConfig, raw)
+
+
+def say(message: str) -> None:
+    print(f"[pipeline {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --- stages --------------------------------------------------------------------------------
+
+
+def stage_data(config: PipelineConfig) -> None:
+    from dalle2.data.schema import dataset_files
+
+    if config.data:
+        dataset_files(config.data)  # a user's dataset must exist: one clear error, before training
+        return
+    if storage.exists(config.data_uri) and storage.list_files(config.data_uri, ".parquet"):
+        say(f"data: {config.data_uri} exists, skipped")
+        return
+    from dalle2.data.shapes import write_shapes_dataset
+
+    say(f"data: writing {config.shapes.count} shapes images ({config.shapes.size}px) to {config.data_uri}")
+    write_shapes_dataset(config.data_uri, count=config.shapes.count, image_size=config.shapes.size, seed=config.shapes.seed)
+
+
+def _bundle_name(job: str, model_kind: str) -> str:
+    return model_kind if job == "upsampler" else job
+
+
+def stage_train(config: PipelineConfig, job: str, spec: StageSpec) -> str:
+    """Train one model (resuming its run) and export its bundle; returns the bundle URI."""
+    from dalle2.train.checkpoint import export_run
+    from dalle2.train.config import load_job_config
+    from dalle2.train.launch import run_job
+
+    overrides: dict[str, Any] = {
+        "data": {"path": config.data_uri},
+        "run": {"storage": storage.join(config.workdir, "runs"), "name": job},
+    }
+    if job in ("prior", "decoder"):
+        overrides["clip"] = config.bundle("clip")
+    if spec.max_steps is not None:
+        overrides["loop"] = {"max_steps": spec.max_steps}
+    if spec.workers is not None:
+        overrides["scaling"] = {"workers": spec.workers}
+    if spec.zero_stage is not None:
+        overrides["deepspeed"] = {"zero_stage": spec.zero_stage}
+    job_config = load_job_config(job, os.path.join(config.base_dir, spec.config), overrides)
+    bundle = config.bundle(_bundle_name(job, job_config.model_kind))
+    if storage.exists(storage.join(bundle, "config.json")):
+        say(f"{job}: bundle {bundle} exists, skipped")
+        return bundle
+    if job in ("prior", "decoder") and not storage.exists(storage.join(config.bundle("clip"), "config.json")):
+        raise FileNotFoundError(f"{job}: its input bundle {config.bundle('clip')} is absent (run the clip stage first)")
+    say(f"{job}: training {job_config.model.preset} {job_config.model_kind} for {job_config.loop.max_steps} steps")
+    started = time.monotonic()
+    result = run_job(job_config)
+    say(f"{job}: trained in {time.monotonic() - started:.0f} s ({_metrics_line(result.metrics)}); exporting to {bundle}")
+    export_run(result.run_uri, bundle)
+    return bundle
+
+
+def _metrics_line(metrics: dict) -> str:
+    return ", ".join(f"{k} {metrics[k]:.4g}" for k in ("loss", "val_loss") if isinstance(metrics.get(k), (int, float)))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _post_json(url: str, body: dict, timeout: float = 600) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def stage_serve(config: PipelineConfig) -> str:
+    """Serve the bundles with Ray Serve, ask the HTTP API for each prompt, write a PNG grid."""
+    from PIL import Image
+    from ray import serve
+
+    from dalle2.images import make_grid, png_bytes
+    from serve.app import DEFAULT_CONFIG as SERVE_CONFIG
+    from serve.app import app_from_config, read_serve_config
+
+    serve_config = read_serve_config(os.path.join(config.base_dir, config.serve.config) if config.serve.config else SERVE_CONFIG)
+    port = config.serve.port or _free_port()
+    bundles = storage.join(config.workdir, "bundles")
+    bundles = bundles if "://" in bundles else os.path.abspath(bundles)  # replicas run elsewhere
+    say(f"serve: starting the Ray Serve app on 127.0.0.1:{port} with {bundles}")
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(app_from_config(serve_config, {"bundles": bundles}), name="dalle2", route_prefix="/", blocking=False)
+        images = []
+        for prompt in config.serve.prompts:
+            started = time.monotonic()
+            reply = _post_json(
+                f"http://127.0.0.1:{port}/v1/images/generations",
+                {"prompt": prompt, "n": config.serve.n, "response_format": "b64_json", "seed": len(images)},
+            )
+            images += [Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))).convert("RGB") for item in reply["data"]]
+            say(f"serve: {prompt!r} -> {len(reply['data'])} images over HTTP in {time.monotonic() - started:.1f} s")
+    finally:
+        serve.shutdown()
+    storage.write_bytes(config.grid_uri, png_bytes(make_grid(images, columns=config.serve.n)))
+    return config.grid_uri
+
+
+def run_pipeline(config: PipelineConfig, stop_after: Optional[str] = None) -> dict[str, str]:
+    """Run (or resume) every stage; returns what each produced. Joins the cluster at
+    RAY_ADDRESS (``ray job submit`` sets it) or starts a local one, and stops only what it started."""
+    import ray
+
+    outputs: dict[str, str] = {}
+    started = time.monotonic()
+    stage_data(config)
+    outputs["data"] = config.data_uri
+    owns_ray = not ray.is_initialized()
+    if owns_ray:
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
+    try:
+        for job in TRAIN_STAGES:
+            spec = getattr(config, job)
+            if spec is None:
+                continue
+            outputs[job] = stage_train(config, job, spec)
+            if stop_after == job:
+                return outputs
+        outputs["grid"] = stage_serve(config)
+    finally:
+        if owns_ray:
+            ray.shutdown()
+    say(f"done in {time.monotonic() - started:.0f} s: the images are in {outputs['grid']}")
+    return outputs
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    parser = argparse.ArgumentParser(prog="python -m jobs.pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_pipeline_arguments(parser)
+    args = parser.parse_args(argv)
+    return cmd_pipeline(args)
+
+
+def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="pipeline YAML (default: the tiny CPU demo)")
+    parser.add_argument("--workdir", help="override the config's workdir (local or s3://)")
+    parser.add_argument("--stop-after", choices=TRAIN_STAGES, help="stop after this training stage")
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    try:
+        config = load_pipeline_config(args.config)
+        if args.workdir:
+            config = dataclasses.replace(config, workdir=args.workdir)
+        run_pipeline(config, stop_after=args.stop_after)
+    except (ValueError, OSError) as error:
+        print(f"pipeline: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

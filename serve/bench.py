@@ -1,0 +1,250 @@
+"""``dalle2 bench serve``: the served graph measured against itself and against the pipeline
+in-process, in one run on this machine (a benchmark, not a test: nothing here asserts).
+
+    latency     one request at a time over HTTP vs ``text_to_image`` in this process, same bundles,
+                steps and seed; p50 of each (target: HTTP at most 1.10x in-process)
+    throughput  images/s with 16 concurrent clients, batching on (serve/config.yaml) vs off (each
+                model replica takes one request at a time); target: on at least 2x off
+    load        200 requests from 32 concurrent clients: each answered with images or a clean
+                429/503, none lost or hung, every replica alive afterwards
+
+The app runs on a local Ray cluster that this command starts, with the given bundles or, without
+``--bundles``, randomly initialised tiny ones (speed does not depend on the weights). Every model
+deployment has one replica in both throughput runs, so only batching differs.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+APP = "dalle2-bench"
+MODEL_DEPLOYMENTS = ("TextEncoder", "ImageEncoder", "Prior", "Decoder", "Upsampler256", "Upsampler1024")
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    bundles: Optional[str] = None
+    port: int = 8123
+    size: int = 64
+    prior_steps: Optional[int] = None  # None: each model's own default (its config's sample_steps)
+    decoder_steps: Optional[int] = None
+    upsampler_steps: Optional[int] = None
+    latency_requests: int = 10
+    clients: int = 16
+    throughput_requests: int = 64
+    load_requests: int = 200
+    load_clients: int = 32
+    timeout_s: float = 300.0
+
+    def body(self, seed: int) -> dict[str, Any]:
+        steps = {"prior_steps": self.prior_steps, "decoder_steps": self.decoder_steps, "upsampler_steps": self.upsampler_steps}
+        body = {"prompt": "a red circle at the top left", "n": 1, "size": f"{self.size}x{self.size}", "seed": seed}
+        return {**body, **{name: value for name, value in steps.items() if value is not None}}
+
+
+def write_tiny_bundles(folder: str) -> str:
+    import torch
+
+    from dalle2.bundle import save_bundle
+    from dalle2.factory import create_model
+
+    torch.manual_seed(0)
+    for kind in ("clip", "prior", "decoder", "upsampler_256", "upsampler_1024"):
+        save_bundle(create_model(kind, "tiny").eval(), kind, os.path.join(folder, kind))
+    return folder
+
+
+def _deployment_options(config: dict, batching: bool) -> dict:
+    """serve/config.yaml's settings, one replica per model stage; without batching each model
+    replica takes one request at a time and no batch waits for company."""
+    config = copy.deepcopy(config)
+    for entry in config["applications"][0]["deployments"]:
+        if entry["name"] in MODEL_DEPLOYMENTS:
+            entry.pop("autoscaling_config", None)
+            entry["num_replicas"] = 1
+            entry["max_queued_requests"] = -1  # measure speed here, not refusals
+            if not batching:
+                entry["max_ongoing_requests"] = 1
+                entry["user_config"] = {**entry.get("user_config", {}), "batch_wait_timeout_s": 0.0}
+    return config
+
+
+def _deploy(config: dict, bundles: str) -> None:
+    from ray import serve
+
+    from serve.app import app_from_config
+
+    serve.run(app_from_config(config, {"bundles": bundles}), name=APP, route_prefix="/", blocking=False)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _post(settings: BenchSettings, seed: int):
+    import requests
+
+    return requests.post(f"http://127.0.0.1:{settings.port}/v1/images/generations", json=settings.body(seed), timeout=settings.timeout_s)
+
+
+def measure_latency(settings: BenchSettings, bundles: str) -> dict[str, Any]:
+    import torch
+
+    from dalle2.pipeline import GenerationOptions, StageOptions, UnCLIP, text_to_image
+
+    # In-process with the intra-op threads a replica gets (Ray sets OMP_NUM_THREADS from its
+    # fractional CPU: 1), so both sides do the same work the same way.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pipe = UnCLIP.from_bundles(bundles)
+        options = GenerationOptions(
+            n=1, seed=0, size=settings.size, prior=StageOptions(settings.prior_steps, 1.0),
+            decoder=StageOptions(settings.decoder_steps, 3.0), upsampler=StageOptions(settings.upsampler_steps),
+        )  # fmt: skip
+        prompt = settings.body(0)["prompt"]
+        text_to_image(pipe, [prompt], options)  # warm-up
+        local = []
+        for _ in range(settings.latency_requests):
+            start = time.perf_counter()
+            text_to_image(pipe, [prompt], options)
+            local.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    _post(settings, 0).raise_for_status()  # warm-up
+    served = []
+    for _ in range(settings.latency_requests):
+        start = time.perf_counter()
+        _post(settings, 0).raise_for_status()
+        served.append(time.perf_counter() - start)
+    p50_local, p50_http = statistics.median(local), statistics.median(served)
+    return {"in_process_p50_s": p50_local, "http_p50_s": p50_http, "http_p95_s": _percentile(served, 0.95), "ratio": p50_http / p50_local}
+
+
+def _hammer(settings: BenchSettings, requests_total: int, clients: int, on_response: Callable) -> float:
+    """``requests_total`` requests from ``clients`` threads as fast as answers come; wall seconds."""
+    counter = iter(range(requests_total))
+    lock = threading.Lock()
+
+    def client() -> None:
+        while True:
+            with lock:
+                seed = next(counter, None)
+            if seed is None:
+                return
+            try:
+                on_response(_post(settings, seed))
+            except Exception as error:  # a timeout or a dropped connection: a lost request
+                on_response(error)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        for future in [pool.submit(client) for _ in range(clients)]:
+            future.result()
+    return time.perf_counter() - start
+
+
+def measure_throughput(settings: BenchSettings) -> dict[str, Any]:
+    images, failures = [0], [0]
+    lock = threading.Lock()
+
+    def count(response) -> None:
+        ok = not isinstance(response, Exception) and response.status_code == 200
+        with lock:
+            if ok:
+                images[0] += len(response.json()["data"])
+            else:
+                failures[0] += 1
+
+    wall = _hammer(settings, settings.throughput_requests, settings.clients, count)
+    return {"images_per_s": images[0] / wall, "requests": settings.throughput_requests, "failed": failures[0], "wall_s": wall}
+
+
+def measure_load(settings: BenchSettings) -> dict[str, Any]:
+    import requests
+    from ray import serve
+
+    outcomes: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def count(response) -> None:
+        if isinstance(response, Exception):
+            key = f"lost ({type(response).__name__})"
+        elif response.status_code == 200 and response.json().get("data"):
+            key = "200 image"
+        elif response.status_code in (429, 503) and "error" in response.json() and "Retry-After" in response.headers:
+            key = f"{response.status_code} clean"
+        else:
+            key = f"{response.status_code} other"
+        with lock:
+            outcomes[key] = outcomes.get(key, 0) + 1
+
+    wall = _hammer(settings, settings.load_requests, settings.load_clients, count)
+    deployments = serve.status().applications[APP].deployments
+    unhealthy = {name: str(d.status) for name, d in deployments.items() if str(d.status).split(".")[-1] != "HEALTHY"}
+    health = requests.get(f"http://127.0.0.1:{settings.port}/healthz", timeout=30).status_code
+    answered = sum(n for key, n in outcomes.items() if key in ("200 image", "429 clean", "503 clean"))
+    return {
+        "requests": settings.load_requests, "clients": settings.load_clients, "outcomes": outcomes, "wall_s": wall,
+        "all_answered_cleanly": answered == settings.load_requests, "unhealthy_deployments": unhealthy, "healthz": health,
+    }  # fmt: skip
+
+
+def run(settings: BenchSettings, progress: Callable[[str], None] = print) -> dict[str, Any]:
+    import ray
+    import torch
+    from ray import serve
+
+    from serve.app import read_serve_config
+
+    with tempfile.TemporaryDirectory(prefix="dalle2-bench-") as scratch:
+        bundles = settings.bundles or write_tiny_bundles(os.path.join(scratch, "bundles"))
+        config = read_serve_config()
+        ray.init(address="local", include_dashboard=False)  # our own cluster, never another one on this machine
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": settings.port})
+            progress("starting the app (batching on)...")
+            _deploy(_deployment_options(config, batching=True), bundles)
+            progress("latency: HTTP vs in-process...")
+            latency = measure_latency(settings, bundles)
+            progress(f"throughput, batching on ({settings.clients} clients)...")
+            batched = measure_throughput(settings)
+            progress("redeploying with batching off...")
+            _deploy(_deployment_options(config, batching=False), bundles)
+            unbatched = measure_throughput(settings)
+            progress(f"load: {settings.load_requests} requests from {settings.load_clients} clients (shipped config)...")
+            _deploy(config, bundles)
+            load = measure_load(settings)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    return {
+        "machine": {"cpus": os.cpu_count(), "cuda": torch.cuda.is_available()},
+        "settings": settings.__dict__,
+        "latency": latency,
+        "throughput": {"batching_on": batched, "batching_off": unbatched, "speedup": batched["images_per_s"] / max(unbatched["images_per_s"], 1e-9)},
+        "load": load,
+    }
+
+
+def summary(result: dict[str, Any]) -> str:
+    latency, throughput, load = result["latency"], result["throughput"], result["load"]
+    return "\n".join(
+        [
+            f"latency     in-process p50 {latency['in_process_p50_s'] * 1000:.0f} ms, HTTP p50 {latency['http_p50_s'] * 1000:.0f} ms"
+            f" (p95 {latency['http_p95_s'] * 1000:.0f} ms): {latency['ratio']:.2f}x (target <= 1.10x)",
+            f"throughput  batching on {throughput['batching_on']['images_per_s']:.2f} images/s, off "
+            f"{throughput['batching_off']['images_per_s']:.2f} images/s: {throughput['speedup']:.2f}x (target >= 2x)",
+            f"load        {load['requests']} requests / {load['clients']} clients in {load['wall_s']:.0f} s: {load['outcomes']};"
+            f" all answered cleanly: {load['all_answered_cleanly']}; unhealthy after: {load['unhealthy_deployments'] or 'none'}",
+        ]
+    )

@@ -1,0 +1,56 @@
+"""``python -m jobs.embed``: the Ray Job entry point of ``dalle2 data embed``, same arguments."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import ray.data
+
+from dalle2.bundle import save_bundle
+from dalle2.data import storage
+from dalle2.data.shapes import write_shapes_dataset
+from dalle2.factory import create_model
+from jobs.embed import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_help_lists_the_dalle2_data_embed_arguments():
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.embed", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: python -m jobs.embed")
+    for flag in ("--clip", "--actors", "--batch-size", "--accelerator"):
+        assert flag in result.stdout
+
+
+def test_missing_bundle_is_one_clear_error(tmp_path, capsys):
+    code = main([str(tmp_path / "data"), str(tmp_path / "out"), "--clip", str(tmp_path / "no-bundle")])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("embed: error:") and "no-bundle" in error
+
+
+def test_embeds_every_row_of_a_local_dataset(ray_cluster, tmp_path, capsys):
+    clip = create_model("clip", "tiny").eval()
+    bundle = save_bundle(clip, "clip", str(tmp_path / "clip"))
+    data, out = str(tmp_path / "data"), str(tmp_path / "embeddings")
+    write_shapes_dataset(data, count=6, image_size=32, seed=4, rows_per_file=3)
+
+    assert main([data, out, "--clip", bundle, "--batch-size", "4", "--accelerator", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["rows"] == 6 and report["dropped"] == {} and report["out"] == out
+
+    filesystem, path = storage.resolve(out)
+    rows = ray.data.read_parquet(path, filesystem=filesystem).take_all()  # 6 rows: fine on the driver
+    assert sorted(row["key"] for row in rows) == [f"shapes/{i:06d}" for i in range(6)]
+    config = clip.config
+    for row in rows:
+        assert row["image_embed"].shape == (config.embed_dim,) and np.isfinite(row["image_embed"]).all()
+        assert row["text_embed"].shape == (config.embed_dim,)
+        assert row["text_hidden"].shape == (config.context_length, config.text_width)
