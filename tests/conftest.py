@@ -133,7 +133,7 @@ def ray_cluster(s3_server):
     patch = pytest.MonkeyPatch()
     patch.setenv("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     patch.delenv("RAY_ADDRESS", raising=False)  # always a fresh local cluster, never a user's
-    context = ray.init(num_cpus=2, include_dashboard=False)
+    context = ray.init(address="local", num_cpus=2, include_dashboard=False)  # never a `ray start` cluster
     try:
         yield context
     finally:
