@@ -8,6 +8,7 @@ lacks (an upsampler, the prior) are left out. For a cluster, use ``serve deploy`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import sys
@@ -82,7 +83,9 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         upsampler_steps=args.steps, latency_requests=args.latency_requests, throughput_requests=args.throughput_requests,
         load_requests=args.load_requests,
     )  # fmt: skip
-    result = run(settings, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    # Ray's own messages (raylet warnings) go to stderr with the progress, so stdout is the figures alone.
+    with contextlib.redirect_stdout(sys.stderr):
+        result = run(settings, progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(json.dumps(result, indent=2) if args.json else summary(result))
     return 0
 

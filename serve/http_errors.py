@@ -71,7 +71,7 @@ def _cause(error: BaseException) -> BaseException:
 
 def api_error_from(error: BaseException) -> ApiError:
     """The response for an exception raised while serving a request."""
-    from ray.exceptions import ActorDiedError, ActorUnavailableError
+    from ray.exceptions import RayActorError
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
     error = _cause(error)
@@ -81,7 +81,7 @@ def api_error_from(error: BaseException) -> ApiError:
         return bad_request(str(error), error.param)
     if isinstance(error, BackPressureError):
         return overloaded(error.status_code, error.retry_after_s)
-    if isinstance(error, (ActorDiedError, ActorUnavailableError, DeploymentUnavailableError, ReplicaUnavailableError)):
+    if isinstance(error, (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError)):
         # A model replica died mid-request (the controller is replacing it): the request is
         # deterministic given its seed, so retrying it is safe.
         logger.warning("a model replica failed while serving a request: %s", type(error).__name__)

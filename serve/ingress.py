@@ -29,6 +29,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from dalle2.images import edit_mask, image_to_tensor, png_bytes, tensor_to_images
 from serve.api_keys import is_authorized, load_api_keys
 from serve.http_errors import ApiError, api_error_from, bad_request, too_large, unauthorized
 from serve.image_requests import (
@@ -143,8 +144,6 @@ def _server_timing(pixels: Pixels) -> str:
 
 def _finish_images(request: ImageRequest, pixels: Pixels, base_size: int) -> list[bytes]:
     """PNGs of the final images (run in a thread: encoding is CPU work)."""
-    from dalle2.images import edit_mask, image_to_tensor, png_bytes, tensor_to_images
-
     images = pixels.images
     if request.kind == "edit" and images.shape[-1] != base_size:
         # As dalle2.pipeline.edit: the kept pixels are restored exactly at the output size.

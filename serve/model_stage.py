@@ -109,6 +109,9 @@ class ModelStage:
             "actor_name": ray.get_runtime_context().get_actor_name(),
             "pid": os.getpid(),
             "device": str(self.device),
+            # Ray sets OMP_NUM_THREADS from the replica's CPUs (at least 1): the intra-op threads
+            "torch_threads": torch.get_num_threads(),
+            "niceness": os.nice(0),  # Ray runs workers at a lower CPU priority than drivers (15)
             "gpu_ids": [str(i) for i in ray.get_gpu_ids()],
             "batching": self.batch_settings,
             "bundle": self.bundle,

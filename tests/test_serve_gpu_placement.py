@@ -64,7 +64,7 @@ def test_the_gpu_config_places_each_stage_on_its_gpus(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
     run = subprocess.run(
         [sys.executable, "-c", DEPLOY, str(tmp_path / "bundles"), os.path.join(REPO, "serve", "config.gpu.yaml")],
-        capture_output=True, text=True, timeout=420, env=env, cwd=REPO,
+        capture_output=True, text=True, timeout=540, env=env, cwd=REPO,
     )  # fmt: skip
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
     assert run.returncode == 0 and lines, f"exit {run.returncode}\n{run.stdout[-3000:]}\n{run.stderr[-5000:]}"

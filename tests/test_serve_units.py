@@ -181,7 +181,7 @@ def _alone_and_together(network, run_one):
 
 
 def test_a_batch_of_decodes_shares_forwards_and_matches_each_alone(tiny):
-    (text, tokens), embeds = tiny["text"], torch.randn(3, tiny["decoder"].config.embed_dim)
+    (_, tokens), embeds = tiny["text"], torch.randn(3, tiny["decoder"].config.embed_dim)
 
     def run_one(decoder, i):
         seed, options = JOBS[i]
@@ -213,7 +213,7 @@ def test_a_batch_of_prior_samples_and_upsamples_match_each_alone(tiny):
 
 
 def test_a_failing_request_fails_alone(tiny):
-    (text, tokens), embeds = tiny["text"], torch.randn(3, tiny["decoder"].config.embed_dim)
+    (_, tokens), embeds = tiny["text"], torch.randn(3, tiny["decoder"].config.embed_dim)
 
     def run_one(decoder, i):
         if i == 1:
