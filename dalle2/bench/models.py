@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
 import torch
@@ -73,7 +73,6 @@ class Workload:
     train_what: str
     infer: Callable[[], object]
     infer_what: str
-    extra: dict = field(default_factory=dict)
 
 
 def captions(n: int) -> list[str]:
@@ -108,7 +107,6 @@ def images(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
 def clip_workload(preset: str, settings: BenchSettings, generator: torch.Generator) -> Workload:
     import open_clip
 
-    from dalle2.clip import register_model_configs
     from dalle2.clip_loss import ContrastiveLoss
     from dalle2.factory import create_model, load_config
 
@@ -118,7 +116,6 @@ def clip_workload(preset: str, settings: BenchSettings, generator: torch.Generat
     pixels = images(batch, config.image_size, generator)
     tokens = clip.tokenize(captions(batch))
     loss = ContrastiveLoss()
-    register_model_configs()
 
     def infer() -> None:
         clip.eval()

@@ -154,10 +154,12 @@ def _karlo_decoder(config: DecoderConfig, channels: int) -> tuple[nn.Module, nn.
 
     unet_config, levels = config.unet, attended_levels(config)
     widths = tuple(channels * m for m in unet_config.channel_mults)
-    # Its attention splits each width into heads of attention_head_dim channels, so the head width
-    # must divide every attended width (the middle block always attends). The attention's cost
-    # depends on the width, not on how it is split.
-    head_dim = math.gcd(unet_config.head_channels, widths[-1], *(w for w, attends in zip(widths, levels) if attends))
+    # Its attention splits each width into heads of one attention_head_dim (the up path even indexes
+    # it by the down level), which must divide every attended width (the middle block always
+    # attends). Keep our number of heads per level: head width scaled with the base width.
+    attended = [widths[-1], *(w for w, attends in zip(widths, levels) if attends)]
+    scaled, remainder = divmod(channels * unet_config.head_channels, unet_config.channels)
+    head_dim = scaled if not remainder and all(w % scaled == 0 for w in attended) else math.gcd(unet_config.head_channels, *attended)
     unet_kwargs = dict(
         sample_size=config.image_size, in_channels=3, out_channels=6,  # Karlo learns the variance; the pipeline expects 6
         down_block_types=tuple("SimpleCrossAttnDownBlock2D" if a else "ResnetDownsampleBlock2D" for a in levels),
