@@ -90,9 +90,9 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_bench_commands(bench_subparsers: argparse._SubParsersAction) -> None:
+def add_serve_benchmark(bench_commands: argparse._SubParsersAction) -> None:
     """Register ``serve`` under the CLI's ``dalle2 bench`` group (``dalle2 bench serve``)."""
-    bench = bench_subparsers.add_parser("serve", help="latency, throughput (batching on/off) and load of the served graph")
+    bench = bench_commands.add_parser("serve", help="latency, throughput (batching on/off) and load of the served graph")
     bench.add_argument("--bundles", default=None, help="a cascade folder (default: random tiny bundles)")
     bench.add_argument("--port", type=int, default=8123)
     bench.add_argument("--size", type=int, default=64)
@@ -108,6 +108,6 @@ if __name__ == "__main__":  # python -m dalle2.serve_cli {serve ..., bench serve
     parser = argparse.ArgumentParser(prog="dalle2")
     commands = parser.add_subparsers(dest="command", required=True)
     add_serve_commands(commands)
-    add_bench_commands(commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True))
+    add_serve_benchmark(commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True))
     parsed = parser.parse_args()
     sys.exit(parsed.func(parsed) or 0)

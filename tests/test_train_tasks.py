@@ -3,6 +3,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -132,6 +138,47 @@ def test_upsampler_task_learns_on_crops(kind):
     assert inputs["x0"].shape == (8, 3, high, high)
     first, last = overfit(task, batch)
     assert last < first * 0.9
+
+
+ZERO3_CLIP_SCRIPT = """
+import json, os, sys
+import torch
+torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+sys.path.insert(0, os.environ["TESTS_DIR"])
+from test_train_tasks import make
+from dalle2.train.config import load_job_config
+from dalle2.train.loop import build_engine
+
+task, batch = make("clip", "clip")
+job = load_job_config("clip", overrides={"deepspeed": {"zero_stage": 3}, "loop": {"batch_size": 8}, "optim": {"lr": 5e-4}})
+torch.manual_seed(0)
+engine = build_engine(job, task, task.build_model(), world_size=1)
+losses = []
+for _ in range(6):
+    loss = engine(**task.inputs(batch))
+    engine.backward(loss)
+    engine.step()
+    losses.append(loss.item())
+with torch.no_grad():  # the model alone (not the loss module) gathers open_clip's own parameters too
+    image, text = engine.module.model(**task.inputs(batch))
+print(json.dumps({"losses": losses, "features": [list(image.shape), list(text.shape)]}))
+"""
+
+
+def test_clip_trains_under_zero3():
+    """CLIP under ZeRO-3 (one process, world size 1: parameters are still partitioned and
+    gathered per module). open_clip's CLIP holds parameters that the loss reaches through
+    encode_image/encode_text rather than its own forward: they must be gathered there too."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0", "TESTS_DIR": os.path.dirname(__file__), "OMP_NUM_THREADS": "1"}  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", ZERO3_CLIP_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["losses"][-1] < result["losses"][0]
+    assert result["features"] == [[8, 64], [8, 64]]  # the tiny CLIP's embedding dim
 
 
 def test_tasks_refuse_to_run_without_their_clip():

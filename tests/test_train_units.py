@@ -112,8 +112,8 @@ def test_model_config_takes_clip_sizes_from_the_frozen_clip():
 
 def test_deepspeed_config_builder():
     optim = OptimConfig(lr=2e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    plain = build_deepspeed_config(DeepSpeedOptions(zero_stage=0), optim, micro_batch=8, workers=2)
-    assert plain["zero_optimization"] == {"stage": 0}
+    plain = build_deepspeed_config(DeepSpeedOptions(zero_stage=0), optim, micro_batch=8, workers=2, parameters=3 * 10**7)
+    assert plain["zero_optimization"] == {"stage": 0, "reduce_bucket_size": 3 * 10**6, "allgather_bucket_size": 3 * 10**6}
     assert plain["train_batch_size"] == 16 and plain["train_micro_batch_size_per_gpu"] == 8
     assert plain["optimizer"] == {
         "type": "AdamW",
@@ -124,8 +124,13 @@ def test_deepspeed_config_builder():
     options = DeepSpeedOptions(
         zero_stage=3, precision=Precision.BF16, offload_optimizer=Offload.CPU, gradient_accumulation_steps=4, gradient_clipping=0.0
     )
-    sharded = build_deepspeed_config(options, optim, micro_batch=8, workers=2)
+    sharded = build_deepspeed_config(options, optim, micro_batch=8, workers=2, parameters=1000)
     assert sharded["zero_optimization"]["stage"] == 3
+    assert sharded["zero_optimization"]["stage3_prefetch_bucket_size"] == 10**6  # buckets are at least 1e6 elements
+    huge = build_deepspeed_config(DeepSpeedOptions(zero_stage=3), optim, 8, 2, parameters=10**11)
+    assert huge["zero_optimization"]["reduce_bucket_size"] == 5 * 10**8  # and at most DeepSpeed's default
+    fixed = build_deepspeed_config(DeepSpeedOptions(zero_stage=3, bucket_size=12345), optim, 8, 2, parameters=10**11)
+    assert fixed["zero_optimization"]["reduce_bucket_size"] == 12345
     assert sharded["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert sharded["train_batch_size"] == 8 * 2 * 4 and sharded["gradient_accumulation_steps"] == 4
     assert sharded["bf16"]["enabled"] and "gradient_clipping" not in sharded

@@ -22,7 +22,25 @@ CPU requests are fractional (``DataConfig.cpus_per_task``): with Ray's default o
 per task, and 1 CPU per Train worker, a 2-core machine has no CPU left for the read and
 map tasks once the workers hold theirs; the streaming executor then waits forever for
 resources, with no error. A quarter CPU per task lets everything be scheduled; the OS
-shares the cores.
+shares the cores. The same fractions would let Ray run four decode tasks per core, each
+in its own worker process (torch and the tokenizer loaded, ~0.7 GB), which only adds
+memory and context switches to CPU-bound work: ``DataConfig.preprocess_tasks`` caps the
+decode tasks running at once, by default at the cluster's CPU count.
+
+Each Parquet file is read and decoded by one task (Ray fuses the read into the decode), so
+files are decoded in parallel and stream out as each is done, and the encoded bytes never
+pass through the object store. (Ray 2.60's default Parquet reader packs up to 128 MiB of row
+groups into one read task: a dataset of a few thousand small images became one block,
+decoded by one task, and the first batch waited for the whole epoch.)
+
+A decode worker process imports torch and open_clip (the tokenizer): ~4 CPU-seconds. Ray
+stops task workers that idle for 1 s once a node has more worker processes than CPUs, which
+on a small machine with Train workers and actors is always, so every pause of the pipeline
+(backpressure, the end of an epoch) costs new workers. Clusters for training should keep
+idle workers longer: ``RAY_idle_worker_killing_time_threshold_ms=60000`` in the environment
+of ``ray start`` (``cluster/start-local.sh`` sets it), or ``ray.init(_system_config=
+{"idle_worker_killing_time_threshold_ms": 60000})`` for a local cluster. Measured by
+``dalle2 bench data``.
 
 Ray is imported here and in :mod:`.embed` only: the rest of :mod:`dalle2.data` is plain
 Python that tests and tools call without a cluster.
@@ -31,8 +49,10 @@ Python that tests and tools call without a cluster.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -58,10 +78,13 @@ class DataConfig:
     context_length: int = 77  # caption tokens (CLIP's context length)
     validation_fraction: float = 0.05  # by a stable hash of the key, see preprocess.in_validation
     flip: Flip = Flip.NONE  # training split only; off by default (it breaks "left"/"right" captions)
-    batch_size: int = 128  # rows per preprocessing call
+    batch_size: int = 128  # rows per preprocessing call (bounds a call's memory, not a block's size)
     # Fraction of a CPU each read and map task requests. Below 1 so that the pipeline is
     # still scheduled when Train workers hold CPUs on a small machine (see module doc).
     cpus_per_task: float = 0.25
+    # Most decode (map) tasks running at once; 0 = the cluster's CPU count when the dataset
+    # is built. More than the cores only adds worker processes (see module doc).
+    preprocess_tasks: int = 0
 
 
 def check_dataset(path: str, columns: tuple[str, ...] = TRAINING_COLUMNS) -> tuple[pafs.FileSystem, list[str]]:
@@ -88,13 +111,20 @@ class DroppedRows:
         return dict(self.counts)
 
 
-def _preprocess_in_task(batch: dict, *, dropped: ray.actor.ActorHandle, **options) -> dict:
-    out, drops = preprocess_batch(batch, **options)
-    if drops:
-        log.warning("dropped %d of %d rows: %s", sum(drops.values()), len(batch["key"]), dict(drops))
-        # Wait for the actor: once the dataset is consumed, dropped_rows() is complete.
-        ray.get(dropped.add.remote(dict(drops)))
-    return out
+def _preprocess_in_task(
+    block: dict, *, dropped: ray.actor.ActorHandle, rows_per_call: int, **options
+) -> Iterator[dict]:
+    """Decode one file's rows (the whole block: Ray then runs the read in this same task) in
+    calls of ``rows_per_call`` rows, yielding each call's output."""
+    total = len(block["key"])
+    for start in range(0, total, rows_per_call):
+        batch = {name: values[start : start + rows_per_call] for name, values in block.items()}
+        out, drops = preprocess_batch(batch, **options)
+        if drops:
+            log.warning("dropped %d of %d rows: %s", sum(drops.values()), len(batch["key"]), dict(drops))
+            # Wait for the actor: once the dataset is consumed, dropped_rows() is complete.
+            ray.get(dropped.add.remote(dict(drops)))
+        yield out
 
 
 @dataclass
@@ -108,18 +138,49 @@ class TrainingData:
         return ray.get(self.dropped.totals.remote())
 
 
+@contextlib.contextmanager
+def _file_based_parquet_reader():
+    """Within the block, ``ray.data.read_parquet`` plans Ray's file-based Parquet reader, which
+    honours ``override_num_blocks`` (one read task per file), instead of the default reader
+    that bin-packs small files into one task. Only the plan is affected: the dataset keeps a
+    copy of the context it was created with."""
+    context = ray.data.DataContext.get_current()
+    previous = context.use_datasource_v2
+    context.use_datasource_v2 = False
+    try:
+        yield
+    finally:
+        context.use_datasource_v2 = previous
+
+
+def _preprocess_concurrency(config: DataConfig) -> int:
+    if config.preprocess_tasks > 0:
+        return config.preprocess_tasks
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
 def preprocessed_rows(
     config: DataConfig, filesystem: pafs.FileSystem, files: list[str], split: Split, dropped: ray.actor.ActorHandle
 ) -> ray.data.Dataset:
     """The rows of ``split`` decoded and tokenized (see :mod:`.preprocess`), lazily.
     ``filesystem`` and ``files`` come from :func:`check_dataset`; drops go to ``dropped``."""
-    # Column pruning: Ray pushes the selection into the Parquet read, so label columns and
-    # other extras are never fetched from storage.
-    rows = ray.data.read_parquet(files, filesystem=filesystem, num_cpus=config.cpus_per_task).select_columns(
-        list(TRAINING_COLUMNS)
-    )
+    # Column pruning: the reader fetches only these columns from storage, so label columns
+    # and other extras cost nothing. One read task per file, and the decode runs in the same
+    # task (Ray fuses the two when the map takes whole blocks and both have the same task
+    # cap): no extra hop through the object store, and at most `tasks` worker processes.
+    tasks = _preprocess_concurrency(config)
+    with _file_based_parquet_reader():
+        rows = ray.data.read_parquet(
+            files,
+            filesystem=filesystem,
+            columns=list(TRAINING_COLUMNS),
+            num_cpus=config.cpus_per_task,
+            override_num_blocks=len(files),
+            concurrency=tasks,
+        )
     options = dict(
         dropped=dropped,
+        rows_per_call=config.batch_size,
         image_size=config.image_size,
         context_length=config.context_length,
         split=split,
@@ -129,9 +190,10 @@ def preprocessed_rows(
     return rows.map_batches(
         _preprocess_in_task,
         batch_format="numpy",
-        batch_size=config.batch_size,
+        batch_size=None,  # the whole block; _preprocess_in_task decodes it in calls of batch_size rows
         zero_copy_batch=True,  # the function only reads its input batch
         num_cpus=config.cpus_per_task,
+        compute=ray.data.TaskPoolStrategy(size=tasks),
         fn_kwargs=options,
     )
 

@@ -6,7 +6,8 @@
   model, the same in-memory batch and the same number of threads. EMA off in both.
 - memory: per-worker bytes of parameters + gradients + optimizer state after the backward pass
   and after the optimizer step, at ZeRO 0, 1, 2 and 3 with 2 workers (the peak over both
-  ranks). On GPUs ``torch.cuda.max_memory_allocated``; on CPUs the bytes of all live tensors
+  ranks), in bf16 mixed precision by default (in fp32, ZeRO-3 keeps an fp32 master copy of
+  each partition beside the fp32 parameters, which costs it a quarter of its saving). On GPUs ``torch.cuda.max_memory_allocated``; on CPUs the bytes of all live tensors
   of the worker (each storage once), less what was alive before the model was built.
 """
 
@@ -36,8 +37,9 @@ class TrainBenchSettings:
     steps: int = 20  # timed steps, after warmup_steps
     warmup_steps: int = 3
     threads: int = 1  # intra-op threads of both loops (and CPUs of the Ray worker)
-    memory_job: str = "decoder"
-    memory_preset: str = "small"  # large enough that the model state dominates
+    memory_job: str = "upsampler"
+    memory_preset: str = "small"  # 23M parameters: the model state dominates, and 2 CPU workers train it
+    memory_precision: str = "bf16"  # mixed precision, as on GPUs (fp32 ZeRO-3 keeps a second fp32 copy)
     memory_batch_size: int = 2
     memory_workers: int = 2
 
@@ -52,13 +54,13 @@ class RepeatedBatch:
         return self.batch
 
 
-def bench_job(job: str, preset: str, zero_stage: int, workers: int, batch_size: int, cpus: float, use_gpu: bool = False) -> JobConfig:
+def bench_job(job: str, preset: str, zero_stage: int, workers: int, batch_size: int, cpus: float, use_gpu: bool = False, precision: str = "fp32") -> JobConfig:
     scaling = {"workers": workers, "cpus_per_worker": cpus}
     if use_gpu:
         scaling.update({"use_gpu": True, "backend": "nccl", "gpus_per_worker": 1.0})
     overrides = {
         "model": {"preset": preset},
-        "deepspeed": {"zero_stage": zero_stage},
+        "deepspeed": {"zero_stage": zero_stage, "precision": precision},
         "loop": {"batch_size": batch_size, "ema_decay": 0.0, "max_steps": 10**6},
         "scaling": scaling,
         "run": {"name": "bench"},
@@ -161,7 +163,8 @@ def bench_worker(config: dict) -> None:
         started = time.perf_counter()
         for _ in range(config["steps"]):
             worker.train_step(stream)
-        ray.train.report({"samples_per_s": config["steps"] * job.loop.batch_size * world_size / (time.perf_counter() - started)})
+        if rank == 0:
+            ray.get(config["results"].put.remote({"samples_per_s": config["steps"] * job.loop.batch_size * world_size / (time.perf_counter() - started)}))
         return
     peak = 0
     for _ in range(2):  # the optimizer state exists from the first step on
@@ -174,18 +177,35 @@ def bench_worker(config: dict) -> None:
         peak = max(peak, torch.cuda.max_memory_allocated(device))
     worst = torch.tensor([peak - baseline], dtype=torch.float64)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    ray.train.report({"bytes": worst.item(), "parameters": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.model.parameters())})
+    if rank == 0:
+        parameters = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.model.parameters())
+        ray.get(config["results"].put.remote({"bytes": worst.item(), "parameters": parameters}))
+
+
+class _Results:
+    """Where rank 0 leaves its figures (a Ray Train result only carries a checkpoint's metrics)."""
+
+    def __init__(self) -> None:
+        self.value: dict[str, Any] = {}
+
+    def put(self, value: dict[str, Any]) -> None:
+        self.value = value
+
+    def get(self) -> dict[str, Any]:
+        return self.value
 
 
 def _fit(job: JobConfig, measure: str, settings: TrainBenchSettings) -> dict[str, Any]:
+    import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    results = ray.remote(num_cpus=0)(_Results).remote()
     trainer = TorchTrainer(
         bench_worker,
         train_loop_config={
             "job": job_to_dict(job), "measure": measure, "threads": settings.threads,
-            "steps": settings.steps, "warmup_steps": settings.warmup_steps,
+            "steps": settings.steps, "warmup_steps": settings.warmup_steps, "results": results,
         },
         torch_config=TorchConfig(backend=job.scaling.backend.value),
         scaling_config=ScalingConfig(
@@ -194,7 +214,8 @@ def _fit(job: JobConfig, measure: str, settings: TrainBenchSettings) -> dict[str
         ),
         run_config=RunConfig(name=f"bench-train-{measure}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path="/tmp/dalle2-bench"),
     )  # fmt: skip
-    return dict(trainer.fit().metrics)
+    trainer.fit()
+    return ray.get(results.get.remote())
 
 
 def run(settings: TrainBenchSettings, use_gpu: bool = False) -> dict[str, Any]:
@@ -205,14 +226,15 @@ def run(settings: TrainBenchSettings, use_gpu: bool = False) -> dict[str, Any]:
         ray.init()
     cpus = float(settings.threads)
 
-    def job(name: str, preset: str, zero: int, workers: int, batch: int) -> JobConfig:
-        return bench_job(name, preset, zero, workers, batch, cpus, use_gpu)
+    def job(name: str, preset: str, zero: int, workers: int, batch: int, precision: str = "fp32") -> JobConfig:
+        return bench_job(name, preset, zero, workers, batch, cpus, use_gpu, precision)
 
     plain = plain_samples_per_s(settings)
     ours = _fit(job(settings.job, settings.preset, 0, 1, settings.batch_size), "speed", settings)["samples_per_s"]
     memory = {}
     for zero in (0, 1, 2, 3):
-        metrics = _fit(job(settings.memory_job, settings.memory_preset, zero, settings.memory_workers, settings.memory_batch_size), "memory", settings)
+        memory_job = job(settings.memory_job, settings.memory_preset, zero, settings.memory_workers, settings.memory_batch_size, settings.memory_precision)
+        metrics = _fit(memory_job, "memory", settings)
         memory[f"zero{zero}"] = {"bytes": metrics["bytes"], "parameters": metrics["parameters"]}
     base = memory["zero0"]["bytes"]
     for entry in memory.values():
@@ -230,7 +252,7 @@ def summary(result: dict[str, Any]) -> str:
         f"overhead: {s['job']} {s['preset']}, batch {s['batch_size']}, {s['steps']} steps, {s['threads']} thread(s)",
         f"  plain PyTorch loop          {overhead['plain_samples_per_s']:8.1f} samples/s",
         f"  Ray Train + DeepSpeed ZeRO-0 {overhead['ray_deepspeed_samples_per_s']:7.1f} samples/s   ratio {overhead['ratio']:.2f} (target >= 0.9)",
-        f"memory per worker: {s['memory_job']} {s['memory_preset']}, {s['memory_workers']} workers, params + grads + optimizer state",
+        f"memory per worker: {s['memory_job']} {s['memory_preset']}, {s['memory_precision']}, {s['memory_workers']} workers, params + grads + optimizer state",
     ]
     for zero in range(4):
         entry = result["memory"][f"zero{zero}"]

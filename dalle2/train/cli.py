@@ -3,7 +3,7 @@
     dalle2 train decoder --config jobs/configs/decoder-tiny-cpu.yaml --data s3://bucket/shapes \\
         --clip runs/clip-bundle --storage s3://bucket/runs --name decoder-64 --workers 2 --zero 3
     dalle2 export s3://bucket/runs/decoder-64 bundles/decoder
-    dalle2 bench train [--json]      (add_bench_commands: registered under the ``bench`` group)
+    dalle2 bench train [--json]      (add_train_benchmark: a registrar of the ``bench`` group)
 
 The same arguments work for ``python -m jobs.train_decoder ...`` (and through
 ``ray job submit --working-dir . -- python -m jobs.train_decoder ...``). Flags override the
@@ -87,23 +87,24 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
     settings = TrainBenchSettings(
         job=args.job, preset=args.preset, batch_size=args.batch_size, steps=args.steps, threads=args.threads,
-        memory_job=args.memory_job, memory_preset=args.memory_preset,
+        memory_job=args.memory_job, memory_preset=args.memory_preset, memory_precision=args.memory_precision,
     )  # fmt: skip
     result = run(settings, use_gpu=args.gpu)
     print(json.dumps(result, indent=2) if args.json else summary(result))
     return 0
 
 
-def add_bench_commands(bench_subparsers: argparse._SubParsersAction) -> None:
+def add_train_benchmark(bench_commands: argparse._SubParsersAction) -> None:
     """Register ``train`` under the CLI's ``dalle2 bench`` group (``dalle2 bench train``)."""
-    bench = bench_subparsers.add_parser("train", help="Ray Train + DeepSpeed loop vs a plain loop; memory per worker at ZeRO 0-3")
+    bench = bench_commands.add_parser("train", help="Ray Train + DeepSpeed loop vs a plain loop; memory per worker at ZeRO 0-3")
     bench.add_argument("--job", choices=JOB_KINDS, default="decoder", help="model of the overhead comparison")
     bench.add_argument("--preset", default="tiny")
     bench.add_argument("--batch-size", type=int, default=8)
     bench.add_argument("--steps", type=int, default=20)
     bench.add_argument("--threads", type=int, default=1, help="threads of both loops (CPUs of the Ray worker)")
-    bench.add_argument("--memory-job", choices=JOB_KINDS, default="decoder")
-    bench.add_argument("--memory-preset", default="small", help="a model large enough that its state dominates")
+    bench.add_argument("--memory-job", choices=JOB_KINDS, default="upsampler", help="model of the ZeRO memory comparison")
+    bench.add_argument("--memory-preset", default="small", help="a model large enough that its state dominates (e.g. decoder small)")
+    bench.add_argument("--memory-precision", choices=("bf16", "fp32"), default="bf16")
     bench.add_argument("--gpu", action="store_true", help="workers on GPUs (nccl)")
     bench.add_argument("--json", action="store_true", help="the figures as JSON")
     bench.set_defaults(func=cmd_bench_train)

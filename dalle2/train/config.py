@@ -127,8 +127,13 @@ class DeepSpeedOptions:
     gradient_accumulation_steps: int = 1
     gradient_clipping: float = 1.0  # max global grad norm; 0 = off
     optimizer: OptimizerImpl = OptimizerImpl.TORCH
+    # Elements per gradient-reduction bucket (and ZeRO-3 prefetch bucket). 0 = auto, a tenth of
+    # the model within [1e6, 5e8]: DeepSpeed's fixed default of 5e8 is a 2 GB fp32 buffer that
+    # ZeRO-3 allocates up front, more than a small model's whole state.
+    bucket_size: int = 0
 
     def __post_init__(self) -> None:
+        _check(self.bucket_size >= 0, "bucket_size must be >= 0 (0 = auto)")
         _check(self.zero_stage in (0, 1, 2, 3), f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         _check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1")
         _check(self.gradient_clipping >= 0, "gradient_clipping must be >= 0")

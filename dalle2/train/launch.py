@@ -38,7 +38,12 @@ class CheckedJob:
 
     @property
     def run_uri(self) -> str:
-        return storage.join(self.job.run.storage, self.job.run.name)
+        """``<storage>/<name>``; a local storage folder made absolute here, on the driver, because
+        workers and the Train controller may run in other working directories."""
+        location = self.job.run.storage
+        if not location.startswith("s3://"):
+            location = storage.path_of(location)
+        return storage.join(location, self.job.run.name)
 
 
 @dataclass

@@ -287,7 +287,8 @@ def build_engine(job: JobConfig, task: Task, model: nn.Module, world_size: int):
             # on the loss module (the loss uses it) and on the model (whose forward may be called alone)
             deepspeed.zero.register_external_parameter(loss_module, parameter)
             deepspeed.zero.register_external_parameter(model, parameter)
-    ds_config = build_deepspeed_config(job.deepspeed, job.optim, job.loop.batch_size, world_size)
+    parameters = sum(p.numel() for p in loss_module.parameters())
+    ds_config = build_deepspeed_config(job.deepspeed, job.optim, job.loop.batch_size, world_size, parameters)
     engine, _, _, _ = deepspeed.initialize(
         model=loss_module, model_parameters=weight_decay_groups(loss_module, job.optim.weight_decay), config=ds_config
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import time
 from typing import Any, Optional
 
 from dalle2.data import storage
@@ -44,15 +45,19 @@ def progress_line(job: str, metrics: dict[str, Any]) -> str:
 
 
 class MetricsLog:
-    """Rows appended to a CSV at a URI. Local files are appended to; an object store has no
-    append, so the file is rewritten with all rows (small: one row per report)."""
+    """Rows appended to a CSV at a URI. Local files are appended to at once. An object store
+    has no append: the whole file is rewritten, at most every ``rewrite_every_s`` seconds and
+    whenever ``flush`` is asked for (the loop's checkpoints), so a long run does not upload
+    its growing CSV at every report."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, rewrite_every_s: float = 60.0):
         self.uri = uri
+        self.rewrite_every_s = rewrite_every_s
         self._local = not uri.startswith("s3://")
         self._text: Optional[str] = None  # object stores: the whole file
+        self._written_at = 0.0
 
-    def append(self, row: dict[str, Any]) -> None:
+    def append(self, row: dict[str, Any], flush: bool = True) -> None:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         if self._local:
@@ -71,7 +76,9 @@ class MetricsLog:
             writer.writeheader()
         writer.writerow(row)
         self._text += buffer.getvalue()
-        storage.write_bytes(self.uri, self._text.encode())
+        if flush or time.monotonic() - self._written_at >= self.rewrite_every_s:
+            storage.write_bytes(self.uri, self._text.encode())
+            self._written_at = time.monotonic()
 
 
 def read_metrics(uri: str) -> list[dict[str, str]]:
@@ -95,6 +102,6 @@ def make_progress_callback(job: str, run_uri: str, dropped_rows=None):
             if dropped_rows is not None:
                 row["dropped_rows"] = sum(ray.get(dropped_rows.totals.remote()).values())
             print(progress_line(job, row), flush=True)
-            self.log.append(row)
+            self.log.append(row, flush=checkpoint is not None)
 
     return ProgressCallback()

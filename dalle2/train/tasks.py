@@ -18,6 +18,7 @@ module's forward, where ZeRO gathers it. The model itself (what a bundle holds) 
 
 from __future__ import annotations
 
+import abc
 from typing import Any, Iterable, Optional
 
 import numpy as np
@@ -116,7 +117,7 @@ class DiffusionLoss(nn.Module):
 # ------------------------------------------------------------------------------- tasks
 
 
-class Task:
+class Task(abc.ABC):
     """Base of the four tasks. ``model_config`` is the config of the model trained;
     ``clip`` the frozen CLIP (prior, decoder), already on ``device``."""
 
@@ -143,19 +144,23 @@ class Task:
         """Caption tokens the data pipeline delivers."""
         return data_resolution(self.kind, self.config, None if self.clip is None else self.clip.config)[1]
 
+    @abc.abstractmethod
     def inputs(self, batch: Batch, dtype: torch.dtype = torch.float32, generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
-        raise NotImplementedError
+        """The loss module's keyword arguments for a pipeline batch, floats in ``dtype``."""
 
     # -- model -------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
         return create_model(self.kind, self.config)
 
+    @abc.abstractmethod
     def loss_module(self, model: nn.Module) -> nn.Module:
-        raise NotImplementedError
+        """``model`` wrapped so that ``forward(**inputs, generator=None)`` returns the scalar loss."""
 
     def external_parameters(self, model: nn.Module) -> list[nn.Parameter]:
-        """Parameters the loss uses outside the forward of the module that owns them (ZeRO-3
-        must be told, ``deepspeed.zero.register_external_parameter``)."""
+        """Parameters the loss uses outside the forward of the module that owns them. ZeRO-3
+        gathers a module's parameters around its own forward; these are registered with
+        ``deepspeed.zero.register_external_parameter`` (DeepSpeed also detects most such uses
+        itself; being explicit does not depend on it)."""
         return []
 
     # -- state beside the weights (the prior's embedding statistics) -------------------------
