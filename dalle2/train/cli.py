@@ -13,6 +13,7 @@ config file; the run is ``<storage>/<name>``, and the same name resumes it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from typing import Any, Optional, Sequence
@@ -89,7 +90,9 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         job=args.job, preset=args.preset, batch_size=args.batch_size, steps=args.steps, threads=args.threads,
         memory_job=args.memory_job, memory_preset=args.memory_preset, memory_precision=args.memory_precision,
     )  # fmt: skip
-    result = run(settings, use_gpu=args.gpu)
+    # Ray forwards the workers' logs to the driver's stdout: send them to stderr, so stdout is the figures alone.
+    with contextlib.redirect_stdout(sys.stderr):
+        result = run(settings, use_gpu=args.gpu)
     print(json.dumps(result, indent=2) if args.json else summary(result))
     return 0
 
