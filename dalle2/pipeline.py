@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dalle2.bundle import load_bundle
+from dalle2.bundle import Bundle, load_bundle
 from dalle2.clip import Clip, TextEncoding
 from dalle2.data.storage import list_files, relative_path
 from dalle2.decoder import Decoder
@@ -82,12 +82,7 @@ class UnCLIP:
     def from_bundles(cls, folder: str, device: torch.device | str = "cpu") -> "UnCLIP":
         """Load every bundle in the subfolders of ``folder`` (local path, file:// or s3://):
         one clip and one decoder, an optional prior, and any upsamplers."""
-        by_kind: dict[str, list] = {}
-        for config_file in list_files(folder, "/config.json"):
-            if relative_path(folder, config_file).count("/") != 1:
-                continue  # only bundles directly below the folder
-            bundle = load_bundle(config_file.rsplit("/", 1)[0], device=device)
-            by_kind.setdefault(bundle.kind.split("_")[0], []).append(bundle.model)
+        by_kind = {kind: [bundle.model for bundle in bundles] for kind, bundles in load_bundles(folder, device).items()}
         for needed in ("clip", "decoder", "prior"):
             if len(by_kind.get(needed, [])) > 1:
                 raise ValueError(f"{folder}: more than one {needed} bundle")
@@ -96,6 +91,18 @@ class UnCLIP:
                 raise FileNotFoundError(f"{folder}: no {needed} bundle (a cascade needs clip and decoder)")
         upsamplers = sorted(by_kind.get("upsampler", []), key=lambda u: u.config.image_size)
         return cls(by_kind["clip"][0], by_kind.get("prior", [None])[0], by_kind["decoder"][0], upsamplers)
+
+
+def load_bundles(folder: str, device: torch.device | str = "cpu") -> dict[str, list[Bundle]]:
+    """The bundles in the subfolders of ``folder``, by kind without its size suffix:
+    {"clip": [...], "prior": [...], "decoder": [...], "upsampler": [...]}."""
+    by_kind: dict[str, list[Bundle]] = {}
+    for config_file in list_files(folder, "/config.json"):
+        if relative_path(folder, config_file).count("/") != 1:
+            continue  # only bundles directly below the folder
+        bundle = load_bundle(config_file.rsplit("/", 1)[0], device=device)
+        by_kind.setdefault(bundle.kind.split("_")[0], []).append(bundle)
+    return by_kind
 
 
 def _generator(seed: Optional[int], device: torch.device) -> torch.Generator:

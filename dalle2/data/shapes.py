@@ -2,8 +2,9 @@
 
 Every caption states every attribute of its image ("a small red circle at the top left
 on a white background"), and the attributes are kept as columns, so a model trained on
-it can be checked against its prompt: :func:`estimate_attributes` reads the attributes
-back from pixels, and recovers all of them from the rendered training images.
+it can be checked against its prompt: :func:`estimate_attributes` (the checker of
+:mod:`dalle2.eval.shapes_checker`) reads the attributes back from pixels, and recovers all
+of them from the rendered training images.
 
 Row ``i`` depends only on ``(seed, i)``: the same seed gives the same rows and the same
 file bytes, and a larger ``count`` only appends rows.
@@ -147,37 +148,9 @@ def write_shapes_dataset(
     return writer.files
 
 
-def _nearest(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> str:
-    names = list(palette)
-    distances = np.linalg.norm(np.array([palette[n] for n in names], dtype=np.float32) - rgb, axis=1)
-    return names[int(distances.argmin())]
-
-
-def estimate_attributes(image: np.ndarray) -> dict[str, str]:
+def estimate_attributes(image: np.ndarray) -> dict[str, str | None]:
     """Read shape, color, size, position and background back from an image [H, W, 3]
-    uint8, e.g. one generated from a shapes caption. Each pixel goes to the nearest of
-    the background and the named colors; the shape is judged by how much of its bounding
-    box it fills (circle pi/4, square 1, triangle 1/2). Needs 64 px or more: at 32 px a
-    small shape is ~5 px wide and its outline too coarse to tell the shapes apart."""
-    height, width, _ = image.shape
-    pixels = image.reshape(-1, 3).astype(np.float32)
-    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]).astype(np.float32)
-    background = _nearest(np.median(border, axis=0), BACKGROUNDS)
-    names = ["", *COLORS]  # "" is the background
-    palette = np.array([BACKGROUNDS[background], *COLORS.values()], dtype=np.float32)  # [K, 3]
-    nearest = np.linalg.norm(pixels[:, None, :] - palette[None], axis=2).argmin(axis=1)  # [H*W]
-    labels = np.array(names)[nearest].reshape(height, width)
-    found, counts = np.unique(labels[labels != ""], return_counts=True)
-    if len(found) == 0:
-        return {"background": background}
-    color = str(found[counts.argmax()])
-    ys, xs = np.nonzero(labels == color)
-    area = len(xs) / (height * width)
-    box = (xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1) / (height * width)
-    fill = area / box
-    shape = "triangle" if fill < 0.64 else "circle" if fill < 0.89 else "square"
-    center = ((xs.max() + xs.min() + 1) / 2 / width, (ys.max() + ys.min() + 1) / 2 / height)
-    position = min(POSITIONS, key=lambda name: math.dist(POSITIONS[name][0], center))
-    # Area of the equal-area circle splits at the geometric mean of the two sizes.
-    size = "large" if area > math.pi / 4 * SIZES["small"] * SIZES["large"] else "small"
-    return {"shape": shape, "color": color, "size": size, "position": position, "background": background}
+    uint8; see :mod:`dalle2.eval.shapes_checker`, which holds the one implementation."""
+    from dalle2.eval.shapes_checker import read_attributes  # the checker imports this module
+
+    return read_attributes(image)

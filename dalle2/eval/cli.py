@@ -1,0 +1,45 @@
+"""``dalle2 eval``: score a cascade of bundles on a dataset's held-out rows (see :mod:`.run`).
+
+    dalle2 eval --bundles DIR --data URI [--out DIR] [--count N] [--steps N|prior=N,decoder=N,upsampler=N]
+                [--seed S] [--validation-fraction F] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from dalle2.eval.run import EvalSettings, Steps, run_eval, summary
+
+    settings = EvalSettings(
+        bundles=args.bundles, data=args.data, out=args.out, count=args.count, steps=Steps.parse(args.steps),
+        seed=args.seed, validation_fraction=args.validation_fraction, prior_guidance=args.prior_guidance,
+        decoder_guidance=args.decoder_guidance, batch_size=args.batch_size, device=args.device,
+    )  # fmt: skip
+    progress = None if args.quiet else (lambda message: print(f"  {message}", file=sys.stderr, flush=True))
+    report = run_eval(settings, progress)
+    print(json.dumps(report, indent=2) if args.json else summary(report))
+    return 0
+
+
+def add_eval_commands(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "eval", help="score bundles on held-out rows: CLIP retrieval, prior cosine, CLIP score, CLIP-feature FID, shapes checker"
+    )
+    parser.add_argument("--bundles", required=True, help="folder (or s3:// prefix) with clip/ and any of prior/, decoder/, upsampler_*/")
+    parser.add_argument("--data", required=True, help="dataset folder or Parquet file: path, file:// or s3://")
+    parser.add_argument("--out", default="eval", help="folder for report.json and the PNG grids (default ./eval)")
+    parser.add_argument("--count", type=int, default=128, help="held-out rows to score (default 128)")
+    parser.add_argument("--steps", default="", help="sampling steps: N for every stage, or prior=N,decoder=N,upsampler=N (default: each model's own)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--validation-fraction", type=float, default=0.05, help="the training jobs' data.validation_fraction (default 0.05)")
+    parser.add_argument("--prior-guidance", type=float, default=1.0)
+    parser.add_argument("--decoder-guidance", type=float, default=3.0)
+    parser.add_argument("--batch-size", type=int, default=32, help="rows per model call (default 32)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", action="store_true", help="print the whole report as JSON instead of the summary")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.set_defaults(func=cmd_eval)
