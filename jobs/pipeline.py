@@ -1,11 +1,18 @@
-"""The whole system, stage by stage: data -> CLIP -> prior -> decoder -> upsampler -> serve -> images.
+"""The whole system, stage by stage: data -> CLIP -> embed -> prior -> decoder -> upsampler -> serve -> images.
 
     python -m jobs.pipeline --config jobs/configs/demo-tiny-cpu.yaml     # = dalle2 pipeline --config ...
     dalle2 demo                                                          # the same with the demo config
 
-Each stage writes one output whose presence means "done": the dataset's Parquet files, a model
-bundle (``dalle2 export`` writes its config.json last), the PNG grid. Rerunning skips finished
-stages; a stage that was interrupted resumes its Ray Train run by name (same ``<workdir>/runs/<stage>``).
+The embed stage runs the trained CLIP once over the dataset (``dalle2 data embed``, keeping the
+images) into ``<workdir>/embeddings``; the prior and the decoder train from those rows, so no
+CLIP runs in their training steps (``embed: null`` in the config trains them from the images,
+with the frozen CLIP on every worker). The upsampler learns from the images alone.
+
+Each stage writes one output whose presence means "done": the dataset's Parquet files, the
+embeddings' manifest (``embed.json``, written after every Parquet file), a model bundle
+(``dalle2 export`` writes its config.json last), the PNG grid. Rerunning skips finished stages;
+a training stage that was interrupted resumes its Ray Train run by name (same
+``<workdir>/runs/<stage>``); an interrupted embed stage starts over (its partial output is removed).
 Paths may be local or ``s3://``.
 """
 
@@ -21,12 +28,13 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 from dalle2.config import from_dict
 from dalle2.data import storage
 
-TRAIN_STAGES = ("clip", "prior", "decoder", "upsampler")
+STAGES = ("clip", "embed", "prior", "decoder", "upsampler")  # in order, after the data; then serving
+FROM_EMBEDDINGS = ("prior", "decoder")  # the stages that train from the embed stage's rows
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "demo-tiny-cpu.yaml")
 
 
@@ -36,6 +44,21 @@ class StageSpec:
     max_steps: Optional[int] = None
     workers: Optional[int] = None
     zero_stage: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class EmbedSpec:
+    """The embed stage (``dalle2 data embed``): CLIP embeddings and the images, once."""
+
+    actors: int = 1  # CLIP replicas: one per GPU, or a few on CPUs
+    batch_size: int = 64
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"  # auto: a GPU per actor when the cluster has GPUs
+
+    def __post_init__(self) -> None:
+        if self.accelerator not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"embed.accelerator: {self.accelerator!r} is not one of auto, cpu, gpu")
+        if self.actors < 1 or self.batch_size < 1:
+            raise ValueError("embed: actors and batch_size must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -60,6 +83,8 @@ class PipelineConfig:
     prior: StageSpec
     decoder: StageSpec
     upsampler: Optional[StageSpec] = None
+    # None (`embed: null`): no embed stage; the prior and the decoder run the frozen CLIP on images.
+    embed: Optional[EmbedSpec] = field(default_factory=EmbedSpec)
     data: str = ""  # image-caption Parquet; "" = build the shapes dataset in <workdir>/data
     shapes: ShapesSpec = field(default_factory=ShapesSpec)
     serve: ServeSpec = field(default_factory=ServeSpec)
@@ -68,6 +93,10 @@ class PipelineConfig:
     @property
     def data_uri(self) -> str:
         return self.data or storage.join(self.workdir, "data")
+
+    @property
+    def embeddings_uri(self) -> str:
+        return storage.join(self.workdir, "embeddings")
 
     def bundle(self, name: str) -> str:
         return storage.join(self.workdir, "bundles", name)
@@ -110,6 +139,39 @@ def stage_data(config: PipelineConfig) -> None:
     write_shapes_dataset(config.data_uri, count=config.shapes.count, image_size=config.shapes.size, seed=config.shapes.seed)
 
 
+def _require_clip_bundle(config: PipelineConfig, stage: str) -> str:
+    clip = config.bundle("clip")
+    if not storage.exists(storage.join(clip, "config.json")):
+        raise FileNotFoundError(f"{stage}: its input bundle {clip} is absent (run the clip stage first)")
+    return clip
+
+
+def stage_embed(config: PipelineConfig, spec: EmbedSpec) -> str:
+    """CLIP embeddings of the dataset, with its images, for the prior and the decoder; returns
+    their URI. Done when the manifest exists; a partial output (no manifest) is removed first."""
+    from dalle2.data.embed import EmbedConfig, embed_dataset, is_complete
+
+    out = config.embeddings_uri
+    if is_complete(out):
+        say(f"embed: {out} exists, skipped")
+        return out
+    clip = _require_clip_bundle(config, "embed")
+    if storage.exists(out):
+        say(f"embed: removing the incomplete output of an interrupted run at {out}")
+        storage.delete(out)
+    say(f"embed: CLIP embeddings of {config.data_uri} (with the images) into {out}")
+    started = time.monotonic()
+    report = embed_dataset(
+        EmbedConfig(
+            data=config.data_uri, out=out, clip=clip, actors=spec.actors, batch_size=spec.batch_size,
+            accelerator=spec.accelerator, keep_images=True,
+        )
+    )  # fmt: skip
+    dropped = f", dropped {report.dropped}" if report.dropped else ""
+    say(f"embed: {report.rows} rows in {len(report.files)} files in {time.monotonic() - started:.0f} s{dropped}")
+    return out
+
+
 def _bundle_name(job: str, model_kind: str) -> str:
     return model_kind if job == "upsampler" else job
 
@@ -120,8 +182,9 @@ def stage_train(config: PipelineConfig, job: str, spec: StageSpec) -> str:
     from dalle2.train.config import load_job_config
     from dalle2.train.launch import run_job
 
+    from_embeddings = config.embed is not None and job in FROM_EMBEDDINGS
     overrides: dict[str, Any] = {
-        "data": {"path": config.data_uri},
+        "data": {"path": config.embeddings_uri, "format": "embeddings"} if from_embeddings else {"path": config.data_uri},
         "run": {"storage": storage.join(config.workdir, "runs"), "name": job},
     }
     if job in ("prior", "decoder"):
@@ -137,9 +200,15 @@ def stage_train(config: PipelineConfig, job: str, spec: StageSpec) -> str:
     if storage.exists(storage.join(bundle, "config.json")):
         say(f"{job}: bundle {bundle} exists, skipped")
         return bundle
-    if job in ("prior", "decoder") and not storage.exists(storage.join(config.bundle("clip"), "config.json")):
-        raise FileNotFoundError(f"{job}: its input bundle {config.bundle('clip')} is absent (run the clip stage first)")
-    say(f"{job}: training {job_config.model.preset} {job_config.model_kind} for {job_config.loop.max_steps} steps")
+    if job in ("prior", "decoder"):
+        _require_clip_bundle(config, job)
+    if from_embeddings:
+        from dalle2.data.embed import is_complete
+
+        if not is_complete(config.embeddings_uri):
+            raise FileNotFoundError(f"{job}: its input embeddings {config.embeddings_uri} are absent or incomplete (run the embed stage first)")
+    source = "the embeddings" if from_embeddings else "the images"
+    say(f"{job}: training {job_config.model.preset} {job_config.model_kind} for {job_config.loop.max_steps} steps from {source}")
     started = time.monotonic()
     result = run_job(job_config)
     say(f"{job}: trained in {time.monotonic() - started:.0f} s ({_metrics_line(result.metrics)}); exporting to {bundle}")
@@ -208,12 +277,12 @@ def run_pipeline(config: PipelineConfig, stop_after: Optional[str] = None) -> di
     if owns_ray:
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
     try:
-        for job in TRAIN_STAGES:
-            spec = getattr(config, job)
+        for stage in STAGES:
+            spec = getattr(config, stage)
             if spec is None:
                 continue
-            outputs[job] = stage_train(config, job, spec)
-            if stop_after == job:
+            outputs[stage] = stage_embed(config, spec) if stage == "embed" else stage_train(config, stage, spec)
+            if stop_after == stage:
                 return outputs
         outputs["grid"] = stage_serve(config)
     finally:
@@ -235,7 +304,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="pipeline YAML (default: the tiny CPU demo)")
     parser.add_argument("--workdir", help="override the config's workdir (local or s3://)")
-    parser.add_argument("--stop-after", choices=TRAIN_STAGES, help="stop after this training stage")
+    parser.add_argument("--stop-after", choices=STAGES, help="stop after this stage (before serving)")
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:

@@ -61,6 +61,11 @@ def test_storage_local_paths_and_file_uris(tmp_path):
     with pytest.raises(storage.StorageError, match="unsupported"):
         storage.resolve("ftp://host/file")
 
+    storage.delete(f"{root}/notes.txt")  # a file
+    storage.delete(storage.join(root, "a"))  # a folder and what it holds
+    storage.delete(f"{root}/nope")  # nothing there: fine
+    assert storage.list_files(root) == [f"{root}/two.BIN"]
+
 
 # ---------------------------------------------------------------- schema
 
@@ -110,7 +115,7 @@ def test_schema_errors_name_what_is_missing_and_what_is_there(tmp_path):
 def test_shapes_builder_is_deterministic_for_a_seed(tmp_path):
     first = shapes.write_shapes_dataset(str(tmp_path / "a"), count=12, image_size=32, seed=3, rows_per_file=5)
     second = shapes.write_shapes_dataset(str(tmp_path / "b"), count=12, image_size=32, seed=3, rows_per_file=5)
-    other = shapes.write_shapes_dataset(str(tmp_path / "c"), count=12, image_size=32, seed=4, rows_per_file=5)
+    shapes.write_shapes_dataset(str(tmp_path / "c"), count=12, image_size=32, seed=4, rows_per_file=5)
     assert len(first) == 3  # sharded: 5 + 5 + 2 rows
     assert [storage.read_bytes(f) for f in first] == [storage.read_bytes(f) for f in second]
     assert read_dataset(str(tmp_path / "a")).column("caption") != read_dataset(str(tmp_path / "c")).column("caption")
@@ -272,6 +277,26 @@ def test_validation_split_is_stable_and_partitions_the_rows():
     validation, _ = preprocess_batch(batch, image_size=8, context_length=4, split="validation", validation_fraction=0.3)
     assert set(train["key"]).isdisjoint(validation["key"]) and len(train["key"]) + len(validation["key"]) == 60
     assert list(validation["key"]) == list(keys[:60][in_validation(keys[:60], 0.3)])
+
+
+def test_carried_columns_follow_the_kept_rows_of_the_split():
+    """What the decoder reads from `dalle2 data embed` rows: the same split, the same bad-row drops,
+    each precomputed embedding still beside its own image; and the encoded bytes kept for embed."""
+    keys = [f"row/{i}" for i in range(40)]
+    images = [png_bytes((i, 0, 0)) for i in range(40)]
+    images[3] = b"not an image"
+    batch = make_batch(list(zip(keys, ["caption"] * 40, images)))
+    batch["image_embed"] = np.arange(40 * 4, dtype=np.float32).reshape(40, 4)  # row i holds 4i..4i+3
+    carry = {"image_embed": "image_embed", "image": "image_bytes"}
+    for split in ("train", "validation"):
+        plain, plain_drops = preprocess_batch(batch, image_size=8, context_length=4, split=split, validation_fraction=0.3)
+        out, drops = preprocess_batch(batch, image_size=8, context_length=4, split=split, validation_fraction=0.3, carry=carry)
+        assert list(out["key"]) == list(plain["key"]) and drops == plain_drops  # the image pipeline's split and drops
+        rows = [keys.index(k) for k in out["key"]]
+        assert out["image_embed"].shape == (len(rows), 4) and (out["image_embed"][:, 0] == [4 * i for i in rows]).all()
+        assert list(out["image_bytes"]) == [images[i] for i in rows]
+        assert (out["image"][:, 0, 0, 0] == rows).all()  # decoded pixels, aligned with the carried columns
+    assert "image_embed" not in preprocess_batch(batch, image_size=8, context_length=4)[0]
 
 
 def test_flip_is_off_by_default_and_mirrors_when_asked():

@@ -19,6 +19,7 @@ def _write_config(tmp_path, **changes):
         "workdir": str(tmp_path / "work"),
         "shapes": {"count": 96, "size": 32, "seed": 0},
         "clip": {"config": os.path.join(CONFIGS, "clip-tiny-cpu.yaml"), "max_steps": 3},
+        "embed": {"batch_size": 32, "accelerator": "cpu"},
         "prior": {"config": os.path.join(CONFIGS, "prior-tiny-cpu.yaml"), "max_steps": 3},
         "decoder": {"config": os.path.join(CONFIGS, "decoder-tiny-cpu.yaml"), "max_steps": 3},
         "upsampler": {"config": os.path.join(CONFIGS, "upsampler-tiny-cpu.yaml"), "max_steps": 3},
@@ -42,12 +43,15 @@ def test_full_pipeline_returns_images_over_http_and_resumes(tmp_path):
     assert grid.size == (2 * 66 + 2, 68)  # 2 images of 64px (32 -> 64 upsampler), 2px padding
     for bundle in ("clip", "prior", "decoder", "upsampler_256"):
         assert (tmp_path / "work" / "bundles" / bundle / "config.json").exists()
+    assert (tmp_path / "work" / "embeddings" / "embed.json").exists()
+    for job in ("prior", "decoder"):  # CLIP ran once, in the embed stage
+        assert f"{job}: training tiny {job} for 3 steps from the embeddings" in run.stdout, run.stdout
 
-    # Rerun: every training stage is skipped (bundles exist); only serving runs again.
+    # Rerun: data, CLIP, embed and every other training stage are skipped; serving is not reached.
     rerun = subprocess.run([sys.executable, "-m", "jobs.pipeline", "--config", str(path), "--stop-after", "upsampler"],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert rerun.stdout.count("exists, skipped") == 5, rerun.stdout
+    assert rerun.stdout.count("exists, skipped") == 6, rerun.stdout
 
 
 def test_missing_dataset_is_one_clear_error(tmp_path):
@@ -67,6 +71,51 @@ def test_stage_without_its_input_bundle_is_a_clear_error(tmp_path, ray_cluster):
     assert not (tmp_path / "work" / "bundles" / "prior").exists()
 
 
+def test_embed_stage_needs_clip_and_the_prior_needs_the_embeddings(tmp_path):
+    from dalle2.bundle import save_bundle
+    from dalle2.factory import create_model
+    from jobs.pipeline import stage_embed, stage_train
+
+    config = load_pipeline_config(str(_write_config(tmp_path)))
+    with pytest.raises(FileNotFoundError, match="embed: its input bundle .*clip is absent"):
+        stage_embed(config, config.embed)
+    assert not (tmp_path / "work" / "embeddings").exists()
+    save_bundle(create_model("clip", "tiny"), "clip", config.bundle("clip"))
+    for job in ("prior", "decoder"):
+        with pytest.raises(FileNotFoundError, match=f"{job}: its input embeddings .*embeddings are absent or incomplete"):
+            stage_train(config, job, getattr(config, job))
+    assert not (tmp_path / "work" / "runs").exists()
+
+
+def test_embed_stage_redoes_an_incomplete_output_then_skips(tmp_path, ray_cluster, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dalle2.bundle import save_bundle
+    from dalle2.data.schema import read_dataset
+    from dalle2.factory import create_model
+    from jobs.pipeline import stage_data, stage_embed
+
+    config = load_pipeline_config(str(_write_config(tmp_path, shapes={"count": 24, "size": 32, "seed": 0})))
+    stage_data(config)
+    save_bundle(create_model("clip", "tiny"), "clip", config.bundle("clip"))
+    partial = tmp_path / "work" / "embeddings"
+    partial.mkdir()
+    pq.write_table(pa.table({"key": ["left over"]}), partial / "part-left-over.parquet")  # an interrupted run's, no manifest
+
+    assert stage_embed(config, config.embed) == config.embeddings_uri
+    assert "removing the incomplete output" in capsys.readouterr().out
+    assert not (partial / "part-left-over.parquet").exists() and (partial / "embed.json").exists()
+    rows = read_dataset(config.embeddings_uri, columns=["key", "image"])
+    assert rows.num_rows == 24 and len(set(rows["key"].to_pylist())) == 24
+
+    stage_embed(config, config.embed)
+    assert "embed: " + config.embeddings_uri + " exists, skipped" in capsys.readouterr().out
+
+
 def test_unknown_pipeline_keys_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="unknown config keys"):
         load_pipeline_config(str(_write_config(tmp_path, decoders={"config": "x"})))
+    with pytest.raises(ValueError, match="embed.accelerator: 'tpu' is not one of auto, cpu, gpu"):
+        load_pipeline_config(str(_write_config(tmp_path, embed={"accelerator": "tpu"})))
+    assert load_pipeline_config(str(_write_config(tmp_path, embed=None))).embed is None  # prior and decoder from images

@@ -12,6 +12,8 @@ import ray.data
 
 from dalle2.bundle import save_bundle
 from dalle2.data import storage
+from dalle2.data.embed import MANIFEST, is_complete
+from dalle2.data.schema import read_dataset
 from dalle2.data.shapes import write_shapes_dataset
 from dalle2.factory import create_model
 from jobs.embed import main
@@ -25,7 +27,7 @@ def test_help_lists_the_dalle2_data_embed_arguments():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: python -m jobs.embed")
-    for flag in ("--clip", "--actors", "--batch-size", "--accelerator"):
+    for flag in ("--clip", "--actors", "--batch-size", "--accelerator", "--no-images"):
         assert flag in result.stdout
 
 
@@ -49,8 +51,15 @@ def test_embeds_every_row_of_a_local_dataset(ray_cluster, tmp_path, capsys):
     filesystem, path = storage.resolve(out)
     rows = ray.data.read_parquet(path, filesystem=filesystem).take_all()  # 6 rows: fine on the driver
     assert sorted(row["key"] for row in rows) == [f"shapes/{i:06d}" for i in range(6)]
+    source = {r["key"]: r for r in read_dataset(data, columns=["key", "caption", "image"]).to_pylist()}
     config = clip.config
     for row in rows:
         assert row["image_embed"].shape == (config.embed_dim,) and np.isfinite(row["image_embed"]).all()
         assert row["text_embed"].shape == (config.embed_dim,)
         assert row["text_hidden"].shape == (config.context_length, config.text_width)
+        # The decoder trains from these rows: each keeps its image, the original PNG bytes.
+        assert row["image"] == source[row["key"]]["image"] and row["caption"] == source[row["key"]]["caption"]
+
+    assert is_complete(out)  # the manifest, written last
+    manifest = json.loads(storage.read_bytes(storage.join(out, MANIFEST)))
+    assert manifest == {"data": data, "clip": bundle, "rows": 6, "files": report["files"], "dropped": {}, "images": True}

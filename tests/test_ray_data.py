@@ -149,7 +149,7 @@ def test_embed_job_writes_clip_embeddings_of_every_row(s3_server, ray_cluster, c
     write_shapes_dataset(data, count=10, image_size=64, seed=3, rows_per_file=5)
     add_bad_rows(data)
     out = s3_server.uri("embeddings")
-    assert main(["data", "embed", data, out, "--clip", bundle, "--batch-size", "4", "--accelerator", "cpu"]) == 0
+    assert main(["data", "embed", data, out, "--clip", bundle, "--batch-size", "4", "--accelerator", "cpu", "--no-images"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["rows"] == 10 and report["dropped"] == {"undecodable_image": 1, "empty_caption": 1, "missing_image": 1}
     with pytest.raises(FileExistsError):  # checked before any actor starts
@@ -157,6 +157,7 @@ def test_embed_job_writes_clip_embeddings_of_every_row(s3_server, ray_cluster, c
 
     filesystem, path = storage.resolve(out)
     rows = ray.data.read_parquet(path, filesystem=filesystem).take_all()  # 10 rows: fine on the driver
+    assert "image" not in rows[0]  # --no-images: the embeddings alone, for the prior
     by_key = {row["key"]: row for row in rows}
     source = read_dataset(data, columns=["key", "caption", "image"]).slice(0, 10).to_pylist()
     assert sorted(by_key) == sorted(r["key"] for r in source)

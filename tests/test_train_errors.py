@@ -58,6 +58,30 @@ def test_the_frozen_clip_must_be_a_clip_bundle(train_shapes, tiny_clip_bundle, p
     assert (checked.image_size, checked.context_length) == (32, 32)  # the tiny CLIP's
 
 
+def test_decoder_from_embeddings_without_images_fails_at_submission(tiny_clip_bundle, tmp_path, capsys):
+    """`dalle2 data embed --no-images` rows hold what the prior needs, not the decoder's images."""
+    import pyarrow as pa
+
+    embeddings = tmp_path / "embeddings"
+    embeddings.mkdir()
+    rows = {
+        "key": ["a", "b"], "caption": ["a red circle", "a blue square"], "tokens": [[1, 2], [1, 3]],
+        "text_embed": [[0.0] * 4] * 2, "text_hidden": [[[0.0] * 4] * 2] * 2, "image_embed": [[0.0] * 4] * 2,
+    }  # fmt: skip
+    pq.write_table(pa.table(rows), embeddings / "part-00000.parquet")
+    sections = {"clip": tiny_clip_bundle, "data": {"path": str(embeddings), "format": "embeddings"}, "run": {"storage": str(tmp_path / "runs")}}
+    decoder = load_job_config("decoder", overrides=sections)
+    with pytest.raises(DatasetError, match=r"written without the images \(`dalle2 data embed --no-images`\)"):
+        run_job(decoder)
+    assert not os.path.exists(tmp_path / "runs")  # refused before Ray or any worker started
+    assert check_job(load_job_config("prior", overrides=sections)).job.job == "prior"  # the same rows are enough for the prior
+
+    config = tmp_path / "decoder.yaml"
+    config.write_text("job: decoder\ndata: {format: embeddings}\n")
+    code = main_for_job("decoder", ["--config", str(config), "--data", str(embeddings), "--clip", tiny_clip_bundle, "--storage", str(tmp_path / "runs")])
+    assert code == 2 and "train decoder: error:" in capsys.readouterr().err
+
+
 def test_placement_is_checked_against_the_nodes():
     check_placement(ScalingSpec(workers=3, cpus_per_worker=0.5), 0.25, [NODE])
     with pytest.raises(ConfigError, match=r"5 workers of 0.5 CPU cannot be placed: the cluster has 2 CPU on 1 node"):

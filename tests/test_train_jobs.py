@@ -1,6 +1,7 @@
 """The four training jobs on a real Ray cluster: 2 CPU workers, DeepSpeed ZeRO-2 and ZeRO-3, gloo.
 
-Each job trains a few steps and its loss goes down; a run resumes by name where it stopped
+Each job trains a few steps and its loss goes down (the prior from images and from the rows of
+``dalle2 data embed``, the decoder from those rows, with no CLIP on the workers); a run resumes by name where it stopped
 (steps, data position, LR schedule); a worker that fails once is replaced and the run still
 reaches its step count; a ZeRO-3 run exports to a bundle whose outputs equal the engine's;
 data and runs can both live in s3:// (the SeaweedFS fixture).
@@ -149,13 +150,19 @@ def test_prior_recovers_from_a_failed_worker(ray_cluster, train_shapes, tiny_cli
     assert loss[-1] < loss[0]
 
 
-def test_prior_zero3_from_embeddings_exports_a_bundle_with_the_engines_outputs(ray_cluster, train_shapes, tiny_clip_bundle, tmp_path):
-    # From the embeddings `dalle2 data embed` computed once: no CLIP runs on the workers.
-    embeddings = str(tmp_path / "embeddings")
+@pytest.fixture(scope="module")
+def shapes_embeddings(ray_cluster, train_shapes, tiny_clip_bundle, tmp_path_factory) -> str:
+    """`dalle2 data embed` of the training shapes (images kept), computed once for the prior and the decoder."""
+    embeddings = str(tmp_path_factory.mktemp("embeddings") / "shapes")
     embed_dataset(EmbedConfig(data=train_shapes, out=embeddings, clip=tiny_clip_bundle, batch_size=40, accelerator="cpu"))
+    return embeddings
+
+
+def test_prior_zero3_from_embeddings_exports_a_bundle_with_the_engines_outputs(ray_cluster, shapes_embeddings, tiny_clip_bundle, tmp_path):
+    # From the embeddings `dalle2 data embed` computed once: no CLIP runs on the workers.
     probe_path = str(tmp_path / "engine-outputs.pt")
     job = tiny_job(
-        "prior", embeddings, str(tmp_path / "runs"), "prior-zero3", clip=tiny_clip_bundle, data={"format": "embeddings"},
+        "prior", shapes_embeddings, str(tmp_path / "runs"), "prior-zero3", clip=tiny_clip_bundle, data={"format": "embeddings"},
         deepspeed={"zero_stage": 3}, loop={"max_steps": 6, "val_batches": 1},
     )  # fmt: skip
     result = run_job(job, hooks=Probe(probe_path))
@@ -173,12 +180,20 @@ def test_prior_zero3_from_embeddings_exports_a_bundle_with_the_engines_outputs(r
         assert heatmap.mode == "L"  # sampled vs true embedding similarities, drawn with the gathered EMA
 
 
-def test_decoder_trains_and_draws_samples(ray_cluster, train_shapes, tiny_clip_bundle, tmp_path):
-    job = tiny_job("decoder", train_shapes, str(tmp_path / "runs"), "decoder", clip=tiny_clip_bundle, loop={"val_every": 4})
+def test_decoder_trains_from_embeddings_and_draws_samples(ray_cluster, shapes_embeddings, tiny_clip_bundle, tmp_path):
+    # The embed rows keep the images: the workers decode them (the image pipeline, same split and
+    # drops) and take image_embed from the row. The task on the workers has no CLIP at all, so a
+    # batch without image_embed would fail the run. (From images, CLIP on the workers: the prior's
+    # fault test above, and test_train_tasks.)
+    job = tiny_job(
+        "decoder", shapes_embeddings, str(tmp_path / "runs"), "decoder", clip=tiny_clip_bundle,
+        data={"format": "embeddings"}, loop={"val_every": 4},
+    )  # fmt: skip
+    assert not job.loads_clip
     result = run_job(job)
     loss = losses(result.run_uri)
     assert result.metrics["step"] == 8 and loss[-1] < loss[0]
-    assert "val_loss" in result.metrics
+    assert "val_loss" in result.metrics and result.dropped_rows == {}
     for step in (4, 8):
         with Image.open(os.path.join(result.run_uri, "samples", f"step-{step:08d}.png")) as grid:
             assert grid.mode == "RGB" and grid.width > grid.height  # one row of truth, one of samples

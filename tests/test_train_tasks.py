@@ -128,6 +128,22 @@ def test_decoder_task_learns_and_draws(frozen_clip):
     assert figure.size[1] > figure.size[0] / 8 * 1.5  # two rows: truth and samples
 
 
+def test_decoder_task_takes_precomputed_embeddings(frozen_clip):
+    """The decoder on `dalle2 data embed` rows: the row's image_embed, no CLIP on the worker."""
+    task, batch = make("decoder", "decoder", frozen_clip)
+    from_images = task.inputs(batch)
+    embedded = {**batch, "image_embed": from_images["image_embed"].numpy() + 1.0}  # not what this CLIP would say
+    without_clip = make_task("decoder", "decoder", task.config, precomputed=True)
+    from_rows = without_clip.inputs(embedded)
+    torch.testing.assert_close(from_rows["image_embed"], from_images["image_embed"] + 1.0)  # taken, not recomputed
+    torch.testing.assert_close(from_rows["x0"], from_images["x0"])
+    assert torch.equal(from_rows["text_tokens"], from_images["text_tokens"])
+    with pytest.raises(ValueError, match="built for precomputed embeddings"):
+        without_clip.inputs(batch)
+    with pytest.raises(ValueError, match="needs a frozen CLIP"):
+        make_task("decoder", "decoder", task.config)
+
+
 @pytest.mark.parametrize("kind", ["upsampler_256", "upsampler_1024"])
 def test_upsampler_task_learns_on_crops(kind):
     task, batch = make("upsampler", kind)

@@ -65,8 +65,12 @@ def test_config_errors_name_the_key():
         load_job_config("clip", overrides={"deepspeed": {"zero_stage": -1}})
     with pytest.raises(ConfigError, match="model.kind 'decoder' cannot be trained by the upsampler job"):
         load_job_config("upsampler", overrides={"model": {"kind": "decoder"}})
-    with pytest.raises(ConfigError, match="data.format embeddings is for the prior; the decoder job learns from images"):
-        load_job_config("decoder", overrides={"data": {"format": "embeddings"}})
+    with pytest.raises(ConfigError, match="data.format embeddings is for the prior and the decoder; the upsampler job"):
+        load_job_config("upsampler", overrides={"data": {"format": "embeddings"}})
+    with pytest.raises(ConfigError, match="data.flip must be none with data.format embeddings"):
+        load_job_config("decoder", overrides={"data": {"format": "embeddings", "flip": "horizontal"}})
+    assert load_job_config("decoder", overrides={"data": {"format": "embeddings"}}).loads_clip is False
+    assert load_job_config("decoder", overrides={"data": {"flip": "horizontal"}}).loads_clip  # CLIP sees the flipped image
     with pytest.raises(ConfigError, match=r"model\.overrides\.unet\.channels: expected an integer"):
         resolve_model_config(ModelSpec(kind="decoder", overrides={"unet": {"channels": "wide"}}))
     with pytest.raises(ConfigError, match=r"model\.overrides\.unet: unknown keys \['chanels'\]"):

@@ -2,7 +2,7 @@
 
     dalle2 data shapes OUT [--count N] [--size 64] [--seed S] [--rows-per-file R]
     dalle2 data import SRC OUT [--image-column C] [--caption-column C] [--key-column C]
-    dalle2 data embed DATA OUT --clip BUNDLE [--actors N] [--batch-size B] [--accelerator auto|cpu|gpu]
+    dalle2 data embed DATA OUT --clip BUNDLE [--actors N] [--batch-size B] [--accelerator auto|cpu|gpu] [--no-images]
 
 OUT and SRC are local paths, file:// or s3://bucket/prefix (standard AWS configuration).
 ``embed`` runs on Ray: the cluster in RAY_ADDRESS, or a local one started for it.
@@ -50,6 +50,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         actors=args.actors,
         batch_size=args.batch_size,
         accelerator=args.accelerator,
+        keep_images=args.images,
     )
     report = embed_dataset(config)
     print(json.dumps({"out": args.out, "rows": report.rows, "files": len(report.files), "dropped": report.dropped}))
@@ -67,6 +68,11 @@ def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--accelerator", choices=["auto", "cpu", "gpu"], default="auto", help="auto: a GPU per actor if any"
     )
+    parser.add_argument(
+        "--images", action=argparse.BooleanOptionalAction, default=True,
+        help="keep each row's encoded image in the output, so the decoder can train from it too (default); "
+        "--no-images: the embeddings alone (enough for the prior)",
+    )  # fmt: skip
 
 
 def add_data_commands(subparsers: argparse._SubParsersAction) -> None:

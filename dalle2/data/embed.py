@@ -14,6 +14,19 @@ row (bad rows are dropped and counted, as in training)::
     text_hidden  float16 [L, W]  per-token states after CLIP's final layer norm: what the
                                  prior attends to (section 2.2); float16 halves the bytes
     image_embed  float32 [D]     CLIP image embedding (not normalised)
+    image        binary          the row's encoded image, the original PNG/JPEG bytes
+                                 (absent with ``keep_images=False`` / ``--no-images``)
+
+and, written last, ``embed.json`` (:data:`MANIFEST`: the source data, the CLIP bundle, the row
+count, the dropped rows): the output is complete when it exists (:func:`is_complete`).
+
+The prior trains from the embedding columns alone; the decoder needs ``image`` too (it learns
+to draw the image whose CLIP embedding it is given), so it can train from these rows instead of
+the image dataset, decoding the images itself but never running CLIP. The images are kept by
+default: encoded images are small beside ``text_hidden`` for real CLIP sizes (a ViT-B CLIP's
+[77, 512] float16 states are 79 KB a row, a 256px JPEG 15-25 KB; the 64px shapes PNGs are
+0.3 KB), and the prior reads only its own columns, so one embedding folder serves both models.
+Drop them (``--no-images``) for a prior-only copy of a dataset of large images.
 
 Tensor columns use Ray Data's tensor type, so ``ray.data.read_parquet`` gives them back
 as numpy arrays of these shapes. Rows follow no particular order; join on ``key``, and
@@ -22,6 +35,7 @@ as numpy arrays of these shapes. Rows follow no particular order; join on ``key`
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,6 +51,8 @@ from dalle2.data.preprocess import to_model_images
 from dalle2.data.schema import PARQUET_SUFFIX
 
 Accelerator = Literal["auto", "cpu", "gpu"]
+MANIFEST = "embed.json"  # written last: its presence means the output folder is complete
+IMAGE_BYTES = "image_bytes"  # the encoded image, carried beside the decoded pixels to the actors
 
 
 @dataclass(frozen=True)
@@ -48,6 +64,7 @@ class EmbedConfig:
     batch_size: int = 64
     accelerator: Accelerator = "auto"  # auto: one GPU per actor when the cluster has GPUs
     cpus_per_task: float = 0.25  # fractional, as in DataConfig: a small machine must schedule everything
+    keep_images: bool = True  # write each row's encoded image too (the decoder trains from these rows)
 
 
 @dataclass(frozen=True)
@@ -74,7 +91,7 @@ class ClipEmbedder:
         with torch.inference_mode():
             text = self.clip.encode_text(tokens)
             image_embed = self.clip.encode_image(images)  # [B, D]
-        return {
+        out = {
             "key": batch["key"],
             "caption": batch["caption"],
             "tokens": batch["tokens"],
@@ -82,6 +99,9 @@ class ClipEmbedder:
             "text_hidden": text.hidden.half().cpu().numpy(),  # [B, L, W]
             "image_embed": image_embed.float().cpu().numpy(),  # [B, D]
         }
+        if IMAGE_BYTES in batch:
+            out["image"] = batch[IMAGE_BYTES]  # [B] the source's bytes, not the decoded pixels
+        return out
 
 
 def _use_gpu(accelerator: Accelerator) -> bool:
@@ -90,10 +110,15 @@ def _use_gpu(accelerator: Accelerator) -> bool:
     return accelerator == "gpu"
 
 
+def is_complete(out: str) -> bool:
+    """Whether ``out`` holds the finished output of :func:`embed_dataset` (its manifest)."""
+    return storage.exists(storage.join(out, MANIFEST))
+
+
 def embed_dataset(config: EmbedConfig) -> EmbedReport:
     """Embed every usable row of ``config.data`` with the CLIP bundle; write Parquet to
-    ``config.out``. The bundle, the data and the output folder are checked before any
-    task or actor starts."""
+    ``config.out``, then the manifest. The bundle, the data and the output folder are checked
+    before any task or actor starts."""
     header = read_bundle_header(config.clip)
     if header["kind"] != "clip":
         raise BundleError(f"{config.clip}: a {header['kind']} bundle, not a CLIP one")
@@ -113,7 +138,8 @@ def embed_dataset(config: EmbedConfig) -> EmbedReport:
         batch_size=config.batch_size,
         cpus_per_task=config.cpus_per_task,
     )
-    rows = preprocessed_rows(data_config, filesystem, files, "train", dropped)
+    carry = {"image": IMAGE_BYTES} if config.keep_images else None
+    rows = preprocessed_rows(data_config, filesystem, files, "train", dropped, carry)
     embeddings = rows.map_batches(
         ClipEmbedder,
         fn_constructor_kwargs={"clip_uri": config.clip, "use_gpu": use_gpu},
@@ -131,4 +157,10 @@ def embed_dataset(config: EmbedConfig) -> EmbedReport:
     for file_uri in written:
         with storage.open_input(file_uri) as file:
             count += pq.read_metadata(file).num_rows
-    return EmbedReport(rows=count, files=written, dropped=ray.get(dropped.totals.remote()))
+    report = EmbedReport(rows=count, files=written, dropped=ray.get(dropped.totals.remote()))
+    manifest = {
+        "data": config.data, "clip": config.clip, "rows": report.rows, "files": len(written),
+        "dropped": report.dropped, "images": config.keep_images,
+    }  # fmt: skip
+    storage.write_bytes(storage.join(config.out, MANIFEST), json.dumps(manifest, indent=2).encode())
+    return report

@@ -8,6 +8,8 @@
         batch["image"]    # uint8 [B, S, S, 3]; to_model_images: float [B, 3, S, S] in [-1, 1]
         batch["tokens"]   # int64 [B, L]
         batch["caption"]  # list[str] (and batch["key"])
+    # build_datasets(config, carry={"image_embed": "image_embed"}): extra columns ride along,
+    # as the decoder reads the rows of `dalle2 data embed` (dalle2.train.embeddings)
 
 Ray Train gives each worker a disjoint shard of ``train`` (``streaming_split``), so the
 rows stream from storage through the map tasks into the workers and never gather on
@@ -52,7 +54,7 @@ import collections
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -153,6 +155,11 @@ def _file_based_parquet_reader():
         context.use_datasource_v2 = previous
 
 
+def _columns(carry: Mapping[str, str] | None) -> list[str]:
+    """What the pipeline reads: the training columns, then the carried ones."""
+    return list(dict.fromkeys([*TRAINING_COLUMNS, *(carry or {})]))
+
+
 def _preprocess_concurrency(config: DataConfig) -> int:
     if config.preprocess_tasks > 0:
         return config.preprocess_tasks
@@ -160,10 +167,16 @@ def _preprocess_concurrency(config: DataConfig) -> int:
 
 
 def preprocessed_rows(
-    config: DataConfig, filesystem: pafs.FileSystem, files: list[str], split: Split, dropped: ray.actor.ActorHandle
+    config: DataConfig,
+    filesystem: pafs.FileSystem,
+    files: list[str],
+    split: Split,
+    dropped: ray.actor.ActorHandle,
+    carry: Mapping[str, str] | None = None,
 ) -> ray.data.Dataset:
     """The rows of ``split`` decoded and tokenized (see :mod:`.preprocess`), lazily.
-    ``filesystem`` and ``files`` come from :func:`check_dataset`; drops go to ``dropped``."""
+    ``filesystem`` and ``files`` come from :func:`check_dataset`; drops go to ``dropped``;
+    ``carry`` names extra columns passed through (``preprocess_batch``'s argument)."""
     # Column pruning: the reader fetches only these columns from storage, so label columns
     # and other extras cost nothing. One read task per file, and the decode runs in the same
     # task (Ray fuses the two when the map takes whole blocks and both have the same task
@@ -173,7 +186,7 @@ def preprocessed_rows(
         rows = ray.data.read_parquet(
             files,
             filesystem=filesystem,
-            columns=list(TRAINING_COLUMNS),
+            columns=_columns(carry),
             num_cpus=config.cpus_per_task,
             override_num_blocks=len(files),
             concurrency=tasks,
@@ -186,6 +199,7 @@ def preprocessed_rows(
         split=split,
         validation_fraction=config.validation_fraction,
         flip=config.flip if split == "train" else Flip.NONE,
+        carry=dict(carry or {}),
     )
     return rows.map_batches(
         _preprocess_in_task,
@@ -212,15 +226,16 @@ class CollateTrainingBatch(NumpyBatchCollateFn):
         }
 
 
-def build_datasets(config: DataConfig) -> TrainingData:
+def build_datasets(config: DataConfig, carry: Mapping[str, str] | None = None) -> TrainingData:
     """Lazy train and validation datasets over ``config.path``; checks the data first.
+    ``carry`` passes extra columns through to the batches (input name -> output name).
 
     Both splits read the same files and keep the rows their keys hash to, so neither
     split is materialized (``train_test_split`` would pull the data through the driver)."""
-    filesystem, files = check_dataset(config.path)
+    filesystem, files = check_dataset(config.path, tuple(_columns(carry)))
     dropped = DroppedRows.remote()
     return TrainingData(
-        train=preprocessed_rows(config, filesystem, files, "train", dropped),
-        validation=preprocessed_rows(config, filesystem, files, "validation", dropped),
+        train=preprocessed_rows(config, filesystem, files, "train", dropped, carry),
+        validation=preprocessed_rows(config, filesystem, files, "validation", dropped, carry),
         dropped=dropped,
     )

@@ -10,7 +10,10 @@ bytes) in, and out::
     image    uint8  [N, S, S, 3]  RGB, resized so the short side is S, then center-cropped
     tokens   int64  [N, L]        BPE ids of the caption (open_clip's tokenizer), 0-padded
 
-Rows that cannot be used are dropped and counted by reason; they never raise.
+plus the input columns named in ``carry``, copied unchanged for the rows kept (the encoded
+image bytes that ``dalle2 data embed`` writes out again; the precomputed ``image_embed``
+that the decoder reads from those rows). Rows that cannot be used are dropped and counted
+by reason; they never raise.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import collections
 import enum
 import io
 import zlib
-from typing import Literal, Optional
+from typing import Literal, Mapping, Optional
 
 import numpy as np
 import torch
@@ -79,8 +82,11 @@ def preprocess_batch(
     validation_fraction: float = 0.0,
     flip: Flip = Flip.NONE,
     rng: Optional[np.random.Generator] = None,
+    carry: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, np.ndarray], collections.Counter]:
     """Keep the rows of ``split``, decode and tokenize them; returns (batch, drops by reason).
+    ``carry`` maps input columns to output columns copied unchanged for the kept rows
+    (``{"image": "image_bytes"}`` keeps the encoded image beside the decoded one).
 
     Rows without a key cannot be assigned a split; the train split keeps (and counts)
     them, so each bad row is counted exactly once."""
@@ -91,7 +97,7 @@ def preprocess_batch(
     selected = np.flatnonzero(validation if split == "validation" else ~validation)
 
     drops: collections.Counter = collections.Counter()
-    kept_keys, kept_captions, pixels = [], [], []
+    kept, kept_keys, kept_captions, pixels = [], [], [], []
     for index in selected:
         reason = _drop_reason(keys[index], captions[index], images[index])
         if reason is None:
@@ -102,6 +108,7 @@ def preprocess_batch(
         if reason is not None:
             drops[reason] += 1
             continue
+        kept.append(index)
         kept_keys.append(keys[index])
         kept_captions.append(str(captions[index]).strip())
 
@@ -120,6 +127,9 @@ def preprocess_batch(
         "image": image_array,
         "tokens": tokens,
     }
+    rows = np.array(kept, dtype=np.int64)
+    for source, name in (carry or {}).items():
+        out[name] = np.asarray(batch[source])[rows]  # [N, ...]: tensors keep their shape
     return out, drops
 
 

@@ -177,6 +177,20 @@ def open_output(uri: str) -> pafs.NativeFile:
         raise StorageError(f"cannot write {uri}: {error}") from error
 
 
+def delete(uri: str) -> None:
+    """Delete the file, or the folder / prefix and everything under it, at ``uri``; nothing
+    there is fine."""
+    fs, path = resolve(uri)
+    try:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            fs.delete_file(path)
+        elif info.type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+    except OSError as error:
+        raise StorageError(f"cannot delete {uri}: {error}") from error
+
+
 def read_bytes(uri: str) -> bytes:
     with open_input(uri) as file:
         return file.read()

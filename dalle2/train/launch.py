@@ -4,8 +4,9 @@
 
 Before any worker starts, :func:`check_job` raises one clear error for a config that cannot
 run: wrong keys or types (already at load), a frozen CLIP bundle that is missing or of another
-kind, a dataset path without Parquet rows, more workers than the cluster can place (or none
-of its CPU left for the data pipeline). Then a ``TorchTrainer`` runs :func:`train_worker` on
+kind, a dataset path without Parquet rows (or, for ``data.format: embeddings``, without the
+columns the job reads: the decoder's need the images), more workers than the cluster can place
+(or none of its CPU left for the data pipeline). Then a ``TorchTrainer`` runs :func:`train_worker` on
 every worker, with ``RunConfig(storage_path, name)``: the same name resumes the run.
 """
 
@@ -21,7 +22,7 @@ from dalle2.config import ClipConfig, from_dict, to_dict
 from dalle2.data import storage
 from dalle2.data.schema import TRAINING_COLUMNS, DatasetError, check_columns, dataset_files, read_schema
 from dalle2.train.config import ConfigError, DataFormat, JobConfig, ScalingSpec, job_to_dict, resolve_model_config
-from dalle2.train.embeddings import EMBEDDING_COLUMNS
+from dalle2.train.embeddings import EMBEDDING_COLUMNS, check_embedding_columns
 from dalle2.train.loop import TrainHooks, train_worker
 from dalle2.train.tasks import data_resolution
 
@@ -116,7 +117,11 @@ def check_job(job: JobConfig) -> CheckedJob:
     model_config = resolve_model_config(job.model, clip_config)
     if not job.data.path:
         raise ConfigError("data.path is empty: give --data URI (a local folder, file:// or s3://)")
-    check_rows(job.data.path, EMBEDDING_COLUMNS if job.data.format is DataFormat.EMBEDDINGS else TRAINING_COLUMNS)
+    if job.data.format is DataFormat.EMBEDDINGS:
+        check_embedding_columns(job.data.path, job.job)  # the decoder's: embeddings that kept the images
+        check_rows(job.data.path, EMBEDDING_COLUMNS[job.job])
+    else:
+        check_rows(job.data.path, TRAINING_COLUMNS)
     image_size, context_length = data_resolution(job.model_kind, model_config, clip_config)
     return CheckedJob(job, model_config, clip_config, image_size, context_length)
 
@@ -124,17 +129,21 @@ def check_job(job: JobConfig) -> CheckedJob:
 def training_datasets(checked: CheckedJob):
     """(train, validation, dropped-rows actor or None) Ray datasets of a checked job."""
     from dalle2.data.pipeline import DataConfig, build_datasets
-    from dalle2.train.embeddings import build_embedding_datasets
+    from dalle2.train.embeddings import DECODER_CARRY, build_prior_datasets
 
     spec = checked.job.data
-    if spec.format is DataFormat.EMBEDDINGS:
-        return (*build_embedding_datasets(spec.path, spec.validation_fraction, spec.cpus_per_task), None)
+    embeddings = spec.format is DataFormat.EMBEDDINGS
+    if embeddings and checked.job.job == "prior":
+        return (*build_prior_datasets(spec.path, spec.validation_fraction, spec.cpus_per_task), None)
+    # Images, or the decoder's embedding rows: their images go through the same pipeline (same
+    # decode, resize and validation split), with the precomputed image_embed carried along.
     data = build_datasets(
         DataConfig(
             path=spec.path, image_size=checked.image_size, context_length=checked.context_length,
             validation_fraction=spec.validation_fraction, flip=spec.flip,
             batch_size=spec.preprocess_batch_size, cpus_per_task=spec.cpus_per_task,
-        )
+        ),
+        carry=DECODER_CARRY if embeddings else None,
     )  # fmt: skip
     return data.train, data.validation, data.dropped
 

@@ -11,7 +11,8 @@ module's forward, where ZeRO gathers it. The model itself (what a bundle holds) 
 - Prior: MSE of the predicted unnoised CLIP image embedding from the frozen CLIP's text
   encoding (DALL-E 2 sec. 2.2); embedding statistics estimated from data first.
 - Decoder: DDPM L_simple (Ho et al. 2020) on images, conditioned on the frozen CLIP's image
-  embedding and the caption, dropped 10% / 50% for guidance (DALL-E 2 sec. 2.1).
+  embedding (or the one ``dalle2 data embed`` stored beside the image) and the caption, dropped
+  10% / 50% for guidance (DALL-E 2 sec. 2.1).
 - Upsamplers: L_simple on random crops of a quarter of the size, the low-resolution input
   corrupted by blur or BSR degradation (DALL-E 2 sec. 2.1; Ho et al. 2021).
 """
@@ -259,11 +260,18 @@ class PriorTask(Task):
 
 class DecoderTask(Task):
     uses_clip = True
+    accepts_embeddings = True
 
     def inputs(self, batch, dtype=torch.float32, generator=None):
         images = _images(batch, self.device, torch.float32)  # [B, 3, S, S]
-        with torch.no_grad():
-            image_embed = self.clip.encode_image(images)  # [B, D]; resized to CLIP's input inside
+        if "image_embed" in batch:
+            # Computed beforehand by `dalle2 data embed` from the same (never flipped) image.
+            image_embed = torch.from_numpy(np.array(batch["image_embed"])).to(self.device)  # [B, D]
+        elif self.clip is None:
+            raise ValueError("a batch without image_embed, but the decoder task was built for precomputed embeddings (no CLIP)")
+        else:
+            with torch.no_grad():
+                image_embed = self.clip.encode_image(images)  # [B, D]; resized to CLIP's input inside
         return {
             "x0": images.to(dtype),
             "image_embed": image_embed.to(dtype),
