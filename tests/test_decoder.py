@@ -79,7 +79,9 @@ def test_presets_build_with_their_sizes(name):
         assert parameters < 5e6
     if name == "paper":
         assert abs(parameters / PAPER_PARAMETERS - 1) < 0.15, parameters
-    assert model.config.diffusion.prediction is Prediction.EPS
+    # GLIDE and DALL-E 2 predict eps; the tiny CPU preset predicts v (Salimans & Ho 2022), which
+    # gets clean backgrounds and shapes in far fewer steps on a CPU budget.
+    assert model.config.diffusion.prediction is (Prediction.V if name == "tiny" else Prediction.EPS)
 
 
 def test_preset_sizes_grow_from_tiny_to_paper():
