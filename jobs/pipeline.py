@@ -89,6 +89,13 @@ class PipelineConfig:
     shapes: ShapesSpec = field(default_factory=ShapesSpec)
     serve: ServeSpec = field(default_factory=ServeSpec)
     base_dir: str = "."  # where relative job configs are found (the pipeline config's folder)
+    # Held-out fraction of the rows (by a hash of each key) for every stage; None = each job
+    # config's own data.validation_fraction. `dalle2 eval --validation-fraction` takes the same.
+    validation_fraction: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if self.validation_fraction is not None and not 0 < self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
 
     @property
     def data_uri(self) -> str:
@@ -187,6 +194,8 @@ def stage_train(config: PipelineConfig, job: str, spec: StageSpec) -> str:
         "data": {"path": config.embeddings_uri, "format": "embeddings"} if from_embeddings else {"path": config.data_uri},
         "run": {"storage": storage.join(config.workdir, "runs"), "name": job},
     }
+    if config.validation_fraction is not None:
+        overrides["data"]["validation_fraction"] = config.validation_fraction
     if job in ("prior", "decoder"):
         overrides["clip"] = config.bundle("clip")
     if spec.max_steps is not None:
@@ -224,6 +233,17 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def _check_port_free(port: int) -> None:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as error:
+            raise ValueError(
+                f"serve.port {port}: 127.0.0.1:{port} is already in use ({error.strerror}); "
+                "stop what listens there, choose another port, or 0 for any free one"
+            ) from None
 
 
 def _post_json(url: str, body: dict, timeout: float = 600) -> dict:
@@ -271,6 +291,8 @@ def run_pipeline(config: PipelineConfig, stop_after: Optional[str] = None) -> di
 
     outputs: dict[str, str] = {}
     started = time.monotonic()
+    if config.serve.port and stop_after is None:
+        _check_port_free(config.serve.port)  # before any stage: not after half an hour of training
     stage_data(config)
     outputs["data"] = config.data_uri
     owns_ray = not ray.is_initialized()
@@ -304,6 +326,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="pipeline YAML (default: the tiny CPU demo)")
     parser.add_argument("--workdir", help="override the config's workdir (local or s3://)")
+    parser.add_argument("--data", help="override the config's dataset (image-caption Parquet: a folder, file:// or s3://)")
     parser.add_argument("--stop-after", choices=STAGES, help="stop after this stage (before serving)")
 
 
@@ -314,6 +337,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         config = load_pipeline_config(args.config)
         if args.workdir:
             config = dataclasses.replace(config, workdir=args.workdir)
+        if args.data:
+            config = dataclasses.replace(config, data=args.data)
         run_pipeline(config, stop_after=args.stop_after)
     except (ValueError, OSError) as error:
         print(f"pipeline: error: {error}", file=sys.stderr)

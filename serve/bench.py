@@ -6,6 +6,9 @@ in-process, in one run on this machine (a benchmark, not a test: nothing here as
                 seed; p50 of each (target: HTTP at most 1.10x in-process)
     throughput  images/s with 16 concurrent clients, batching on (serve/config.yaml) vs off (each
                 model replica takes one request at a time); target: on at least 2x off
+    ceiling     the decoder's forward time per image at batch 1 vs batch ``clients``, in one process:
+                the most that sharing forward passes can give on this machine (on a CPU a forward is
+                compute-bound already at batch 1, so it stays near 1x; on a GPU it is many x)
     load        200 requests from 32 concurrent clients: each answered with images or a clean
                 429/503, none lost or hung, every replica alive afterwards
 
@@ -61,6 +64,35 @@ def write_tiny_bundles(folder: str) -> str:
     for kind in ("clip", "prior", "decoder", "upsampler_256", "upsampler_1024"):
         save_bundle(create_model(kind, "tiny").eval(), kind, os.path.join(folder, kind))
     return folder
+
+
+def batching_ceiling(bundles: str, clients: int, repeats: int = 5) -> dict[str, Any]:
+    """Seconds per image of one guided decoder forward at batch 1 and at batch ``clients``
+    (classifier-free guidance doubles the rows of both), and their ratio."""
+    import torch
+
+    from dalle2.bundle import load_bundle
+
+    decoder = load_bundle(os.path.join(bundles, "decoder")).model.eval()
+    config = decoder.config
+
+    def seconds_per_image(batch: int) -> float:
+        rows = 2 * batch
+        inputs = {
+            "image_embed": torch.randn(rows, config.embed_dim),
+            "text_tokens": torch.randint(1, 1000, (rows, config.text.context_length)),
+            "drop_image_embed": torch.arange(rows) >= batch, "drop_text": torch.arange(rows) >= batch,
+        }  # fmt: skip
+        x, t = torch.randn(rows, 3, config.image_size, config.image_size), torch.full((rows,), 500)
+        with torch.inference_mode():
+            decoder(x, t, **inputs)  # warm-up
+            started = time.perf_counter()
+            for _ in range(repeats):
+                decoder(x, t, **inputs)
+        return (time.perf_counter() - started) / repeats / batch
+
+    alone, shared = seconds_per_image(1), seconds_per_image(clients)
+    return {"per_image_batch_1_s": alone, f"per_image_batch_{clients}_s": shared, "ratio": alone / shared}
 
 
 def _deployment_options(config: dict, batching: bool) -> dict:
@@ -220,6 +252,8 @@ def run(settings: BenchSettings, progress: Callable[[str], None] = print) -> dic
     with tempfile.TemporaryDirectory(prefix="dalle2-bench-") as scratch:
         bundles = settings.bundles or write_tiny_bundles(os.path.join(scratch, "bundles"))
         config = read_serve_config()
+        progress("decoder forward per image, batch 1 vs batched (the ceiling of batching here)...")
+        ceiling = batching_ceiling(bundles, settings.clients)
         # Our own cluster (never another one on this machine), its workers' logs kept out of the figures.
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
         try:
@@ -243,7 +277,7 @@ def run(settings: BenchSettings, progress: Callable[[str], None] = print) -> dic
         "machine": {"cpus": os.cpu_count(), "cuda": torch.cuda.is_available()},
         "settings": settings.__dict__,
         "latency": latency,
-        "throughput": {"batching_on": batched, "batching_off": unbatched, "speedup": batched["images_per_s"] / max(unbatched["images_per_s"], 1e-9)},
+        "throughput": {"batching_on": batched, "batching_off": unbatched, "speedup": batched["images_per_s"] / max(unbatched["images_per_s"], 1e-9), "ceiling": ceiling},
         "load": load,
     }
 
@@ -257,6 +291,8 @@ def summary(result: dict[str, Any]) -> str:
             f" {latency['ratio']:.2f}x (target <= 1.10x)",
             f"throughput  batching on {throughput['batching_on']['images_per_s']:.2f} images/s, off "
             f"{throughput['batching_off']['images_per_s']:.2f} images/s: {throughput['speedup']:.2f}x (target >= 2x)",
+            f"ceiling     decoder forward per image, batch 1 vs {result['settings']['clients']}: {throughput['ceiling']['ratio']:.2f}x"
+            " (the most that sharing forward passes can give on this machine)",
             f"load        {load['requests']} requests / {load['clients']} clients in {load['wall_s']:.0f} s: {load['outcomes']};"
             f" all answered cleanly: {load['all_answered_cleanly']}; unhealthy after: {load['unhealthy_deployments'] or 'none'}",
         ]

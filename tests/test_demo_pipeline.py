@@ -1,6 +1,7 @@
 """The orchestration `make demo` uses, end to end at the smallest sizes, and its bad input."""
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -58,6 +59,17 @@ def test_missing_dataset_is_one_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         run_pipeline(config)
     assert not (tmp_path / "work" / "bundles").exists()  # nothing half-written
+
+
+def test_a_taken_serve_port_is_refused_before_any_stage(tmp_path):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        path = _write_config(tmp_path, serve={"prompts": ["a red circle"], "n": 1, "port": port})
+        with pytest.raises(ValueError, match=f"127.0.0.1:{port} is already in use"):
+            run_pipeline(load_pipeline_config(str(path)))
+        assert not (tmp_path / "work").exists()  # not even the dataset was written
 
 
 def test_stage_without_its_input_bundle_is_a_clear_error(tmp_path, ray_cluster):

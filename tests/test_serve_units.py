@@ -278,3 +278,11 @@ def test_the_app_reads_its_graph_from_the_bundles(tmp_path):
                                upsampler_1024=str(tmp_path / "other" / "u1024")))  # fmt: skip
     with pytest.raises(ValueError, match="does not follow a 32px stage"):
         cascade_sizes(uris)
+
+
+def test_bench_serve_measures_the_ceiling_of_batching(tmp_path):
+    from serve.bench import batching_ceiling, write_tiny_bundles
+
+    ceiling = batching_ceiling(write_tiny_bundles(str(tmp_path)), clients=4, repeats=1)
+    assert ceiling["per_image_batch_1_s"] > 0 and ceiling["per_image_batch_4_s"] > 0
+    assert ceiling["ratio"] == pytest.approx(ceiling["per_image_batch_1_s"] / ceiling["per_image_batch_4_s"])
