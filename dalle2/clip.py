@@ -9,8 +9,10 @@ states (DALL-E 2, section 2.2: the prior attends to the encoded text), so
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import logging
 from dataclasses import dataclass
 from importlib import resources
 
@@ -73,6 +75,23 @@ class TextEncoding:
     mask: torch.Tensor  # [N, L] bool, True where a real token is
 
 
+class _DropNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def _without_open_clip_notices():
+    """open_clip warns on the root logger that no pretrained weights were loaded, which is how
+    every bundle starts (its weights are loaded right after): users would read it as a failure."""
+    notice = _DropNotice()
+    logging.getLogger().addFilter(notice)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(notice)
+
+
 class Clip(nn.Module):
     """An open_clip CLIP with the interface the rest of dalle2 uses."""
 
@@ -80,14 +99,15 @@ class Clip(nn.Module):
         super().__init__()
         register_model_configs()
         self.config = complete_config(config) if config.embed_dim == 0 else config
-        self.model = open_clip.create_model(
-            config.model_name,
-            pretrained=config.pretrained,
-            device=device or "cpu",
-            output_dict=True,
-            # No hub at run time: a `pretrained` here is a local file path.
-            load_weights=config.pretrained is not None,
-        )
+        with _without_open_clip_notices():
+            self.model = open_clip.create_model(
+                config.model_name,
+                pretrained=config.pretrained,
+                device=device or "cpu",
+                output_dict=True,
+                # No hub at run time: a `pretrained` here is a local file path.
+                load_weights=config.pretrained is not None,
+            )
         self._final_norm = _text_final_norm(self.model)
 
     @property

@@ -203,10 +203,13 @@ def test_upsampler_trains_from_s3_into_s3(ray_cluster, s3_server, tmp_path):
     data = s3_server.uri("upsampler-data")
     write_shapes_dataset(data, count=160, image_size=64, rows_per_file=80)  # the tiny 32->64 stage's target size
     runs = s3_server.uri("runs")
-    result = run_job(tiny_job("upsampler", data, runs, "upsampler-s3"))
+    # v-prediction's per-batch loss swings with the timesteps drawn, more than 8 steps improve it:
+    # judge by the validation loss (a fixed batch and fixed noise) at steps 2 and 8.
+    result = run_job(tiny_job("upsampler", data, runs, "upsampler-s3", loop={"val_every": 2}))
     assert result.run_uri.startswith("s3://") and result.checkpoint_uri == f"{runs}/upsampler-s3/checkpoint-00000008"
-    loss = losses(result.run_uri)
-    assert result.metrics["step"] == 8 and loss[-1] < loss[0]
+    rows = read_metrics(storage.join(result.run_uri, "metrics.csv"))
+    validation = [float(row["val_loss"]) for row in rows if row.get("val_loss")]
+    assert result.metrics["step"] == 8 and len(validation) == 4 and validation[-1] < validation[0], validation
     assert storage.exists(storage.join(result.run_uri, "samples", "step-00000008.png"))
 
     bundle = load_bundle(export_run(result.run_uri, s3_server.uri("bundles")))
