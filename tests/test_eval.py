@@ -179,6 +179,9 @@ def test_held_out_rows_are_the_training_validation_split(train_shapes):
     trained, _ = preprocess_batch(batch, image_size=32, context_length=32, split="train", validation_fraction=0.2)
     assert not set(held.keys) & set(trained["key"])
     assert held.labels[0].keys() == set(shapes.LABEL_COLUMNS) and held.images.shape[1:] == (32, 32, 3)
+    # --split train: the other rows, for comparing generalisation with memorisation
+    seen = read_held_out(train_shapes, count=1000, validation_fraction=0.2, image_size=32, context_length=32, split="train")
+    assert seen.keys == [str(k) for k in trained["key"]]
 
 
 def test_eval_command_reports_every_field(tmp_path, cascade, train_shapes):

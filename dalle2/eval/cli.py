@@ -16,7 +16,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     settings = EvalSettings(
         bundles=args.bundles, data=args.data, out=args.out, count=args.count, steps=Steps.parse(args.steps),
-        seed=args.seed, validation_fraction=args.validation_fraction, prior_guidance=args.prior_guidance,
+        seed=args.seed, validation_fraction=args.validation_fraction, split=args.split, prior_guidance=args.prior_guidance,
         decoder_guidance=args.decoder_guidance, batch_size=args.batch_size, device=args.device,
     )  # fmt: skip
     progress = None if args.quiet else (lambda message: print(f"  {message}", file=sys.stderr, flush=True))
@@ -36,6 +36,10 @@ def add_eval_commands(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", default="", help="sampling steps: N for every stage, or prior=N,decoder=N,upsampler=N (default: each model's own)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--validation-fraction", type=float, default=0.05, help="the training jobs' data.validation_fraction (default 0.05)")
+    parser.add_argument(
+        "--split", choices=("validation", "train"), default="validation",
+        help="score the held-out rows (default) or training rows, to tell generalisation from memorisation",
+    )  # fmt: skip
     parser.add_argument("--prior-guidance", type=float, default=1.0)
     parser.add_argument("--decoder-guidance", type=float, default=3.0)
     parser.add_argument("--batch-size", type=int, default=32, help="rows per model call (default 32)")

@@ -92,6 +92,9 @@ class EvalSettings:
     steps: Steps = field(default_factory=Steps)
     seed: int = 0
     validation_fraction: float = 0.05  # must be the training jobs' (data.validation_fraction)
+    # "validation": rows no model was trained on; "train": rows they were (to tell generalisation
+    # from memorisation on a small dataset)
+    split: str = "validation"
     prior_guidance: float = 1.0
     decoder_guidance: float = 3.0  # the pipeline's default (GLIDE-style classifier-free guidance)
     batch_size: int = 32  # rows per model call
@@ -102,6 +105,8 @@ class EvalSettings:
             raise ValueError(f"need count >= 2 (a covariance, a retrieval) and batch_size >= 1, got {self.count}, {self.batch_size}")
         if not 0 < self.validation_fraction < 1:
             raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
+        if self.split not in ("validation", "train"):
+            raise ValueError(f"split must be validation or train, got {self.split!r}")
 
 
 @dataclass
@@ -122,9 +127,11 @@ class HeldOut:
 # --- data ----------------------------------------------------------------------------------
 
 
-def read_held_out(uri: str, count: int, validation_fraction: float, image_size: int, context_length: int) -> HeldOut:
-    """The first ``count`` rows of the validation split, in file order. Training rows are
-    skipped before decoding; files are read in record batches, never whole."""
+def read_held_out(
+    uri: str, count: int, validation_fraction: float, image_size: int, context_length: int, split: str = "validation"
+) -> HeldOut:
+    """The first ``count`` rows of ``split`` (the validation split unless asked), in file order.
+    Other rows are skipped before decoding; files are read in record batches, never whole."""
     files = dataset_files(uri)
     schema = read_schema(files[0])
     check_columns(schema, TRAINING_COLUMNS, files[0])
@@ -135,7 +142,7 @@ def read_held_out(uri: str, count: int, validation_fraction: float, image_size: 
             for record_batch in pq.ParquetFile(file).iter_batches(batch_size=256, columns=[*TRAINING_COLUMNS, *label_columns]):
                 batch = {name: record_batch.column(name).to_numpy(zero_copy_only=False) for name in record_batch.schema.names}
                 out, _ = preprocess_batch(
-                    batch, image_size=image_size, context_length=context_length, split="validation", validation_fraction=validation_fraction
+                    batch, image_size=image_size, context_length=context_length, split=split, validation_fraction=validation_fraction
                 )  # fmt: skip
                 row_of = {key: i for i, key in enumerate(batch["key"])}
                 for j, key in enumerate(out["key"][: count - len(keys)]):
@@ -152,7 +159,7 @@ def read_held_out(uri: str, count: int, validation_fraction: float, image_size: 
             break
     if len(keys) < 2:
         raise ValueError(
-            f"{uri}: {len(keys)} usable held-out rows at validation_fraction={validation_fraction}; "
+            f"{uri}: {len(keys)} usable {split} rows at validation_fraction={validation_fraction}; "
             "need at least 2 (use the training jobs' fraction, or a larger dataset)"
         )
     return HeldOut(
@@ -259,7 +266,9 @@ def run_eval(settings: EvalSettings, progress: Optional[Progress] = None) -> dic
     stages = [b for kind in ("clip", "prior", "decoder", "upsampler") for b in by_kind.get(kind, [])]
     now = lap("load_bundles", started)
 
-    rows = read_held_out(settings.data, settings.count, settings.validation_fraction, clip.config.image_size, clip.config.context_length)
+    rows = read_held_out(
+        settings.data, settings.count, settings.validation_fraction, clip.config.image_size, clip.config.context_length, settings.split
+    )
     now = lap("read_data", now)
     progress(f"{len(rows)} held-out rows from {settings.data}")
 
@@ -272,7 +281,7 @@ def run_eval(settings: EvalSettings, progress: Optional[Progress] = None) -> dic
         "settings": {**dataclasses.asdict(settings), "steps": dataclasses.asdict(settings.steps)},
         "bundles": [{"kind": b.kind, "metadata": b.metadata} for b in stages],
         "data": {
-            "uri": settings.data, "held_out_rows": len(rows), "validation_fraction": settings.validation_fraction,
+            "uri": settings.data, "held_out_rows": len(rows), "validation_fraction": settings.validation_fraction, "split": settings.split,
             "label_columns": list(rows.labels[0]) if rows.labels else [],
         },
         "clip": metrics.retrieval(image_embeds, text.embed, label_tuples),
@@ -344,7 +353,7 @@ def summary(report: dict[str, Any]) -> str:
     """A few lines for people; report.json has everything."""
     data, clip = report["data"], report["clip"]
     lines = [
-        f"held-out rows: {data['held_out_rows']} (validation fraction {data['validation_fraction']}) from {data['uri']}",
+        f"{data['split']} rows: {data['held_out_rows']} (validation fraction {data['validation_fraction']}) from {data['uri']}",
         f"clip retrieval: text->image top1 {clip['text_to_image_top1']:.3f} top5 {clip['text_to_image_top5']:.3f}, "
         f"image->text top1 {clip['image_to_text_top1']:.3f} top5 {clip['image_to_text_top5']:.3f} (chance top1 {clip['chance_top1']:.3f})",
     ]
