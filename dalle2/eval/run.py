@@ -141,18 +141,19 @@ def read_held_out(
         with storage.open_input(file_uri) as file:
             for record_batch in pq.ParquetFile(file).iter_batches(batch_size=256, columns=[*TRAINING_COLUMNS, *label_columns]):
                 batch = {name: record_batch.column(name).to_numpy(zero_copy_only=False) for name in record_batch.schema.names}
+                # carry: the encoded image and the label columns, for the rows kept
+                carry = {"image": "encoded", **{name: f"label_{name}" for name in label_columns}}
                 out, _ = preprocess_batch(
-                    batch, image_size=image_size, context_length=context_length, split=split, validation_fraction=validation_fraction
+                    batch, image_size=image_size, context_length=context_length, split=split,
+                    validation_fraction=validation_fraction, carry=carry,
                 )  # fmt: skip
-                row_of = {key: i for i, key in enumerate(batch["key"])}
                 for j, key in enumerate(out["key"][: count - len(keys)]):
-                    i = row_of[key]
                     keys.append(str(key))
                     captions.append(str(out["caption"][j]))
-                    encoded.append(bytes(batch["image"][i]))
+                    encoded.append(bytes(out["encoded"][j]))
                     images.append(out["image"][j])
                     tokens.append(out["tokens"][j])
-                    labels.append({name: str(batch[name][i]) for name in label_columns})
+                    labels.append({name: str(out[f"label_{name}"][j]) for name in label_columns})
                 if len(keys) >= count:
                     break
         if len(keys) >= count:
