@@ -135,6 +135,14 @@ class UNetConfig:
     attention_resolutions: tuple[int, ...] = ()  # feature-map sizes with self-attention; () = none
     head_channels: int = 64
     dropout: float = 0.0
+    # Two extra input channels holding each pixel's (y, x) in [-1, 1] (CoordConv, Liu et al. 2018).
+    # Convolutions and position-free attention only learn where they are from the zero padding;
+    # a decoder asked for "at the top left" learns placement far sooner with the coordinates given.
+    coordinates: bool = False
+    # Add a fixed 2D sine-cosine position code to every attention block's input. The blocks' keys
+    # and values include the condition tokens, so a query that knows where it is can pick up
+    # "top left" from them; without it attention is blind to position.
+    attention_positions: bool = False
 
 
 @dataclass(frozen=True)

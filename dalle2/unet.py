@@ -50,6 +50,34 @@ def _resample(x: Tensor, resample: Resample) -> Tensor:
     return x
 
 
+def pixel_coordinates(x: Tensor) -> Tensor:
+    """[N, 2, H, W]: each pixel's (y, x) position in [-1, 1], in x's dtype and device."""
+    n, _, height, width = x.shape
+    ys = torch.linspace(-1.0, 1.0, height, device=x.device, dtype=x.dtype)
+    xs = torch.linspace(-1.0, 1.0, width, device=x.device, dtype=x.dtype)
+    grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"))  # [2, H, W]
+    return grid.expand(n, -1, -1, -1)
+
+
+def sincos_positions(channels: int, height: int, width: int, device, dtype) -> Tensor:
+    """[channels, H, W] fixed 2D position code (as ViT/MAE's 2D sin-cos embedding): a quarter of the
+    channels each for sin/cos of y and of x in [-1, 1], at frequencies from one cycle over the
+    image up to the feature map's Nyquist rate; channels beyond a multiple of 4 are zero."""
+    per = channels // 4
+    code = torch.zeros(channels, height, width, device=device, dtype=torch.float32)
+    if per == 0:
+        return code.to(dtype)
+    top = max(height, width) / 2
+    freqs = math.pi * torch.logspace(0.0, math.log10(max(top, 1.0)), per, device=device)  # [per]
+    ys = torch.linspace(-1.0, 1.0, height, device=device)[None, :, None] * freqs[:, None, None]  # [per, H, 1]
+    xs = torch.linspace(-1.0, 1.0, width, device=device)[None, None, :] * freqs[:, None, None]  # [per, 1, W]
+    code[0 * per : 1 * per] = ys.sin().expand(-1, height, width)
+    code[1 * per : 2 * per] = ys.cos().expand(-1, height, width)
+    code[2 * per : 3 * per] = xs.sin().expand(-1, height, width)
+    code[3 * per : 4 * per] = xs.cos().expand(-1, height, width)
+    return code.to(dtype)
+
+
 class ResBlock(nn.Module):
     """Residual block with timestep scale-shift conditioning (Dhariwal & Nichol 2021, sec. 3):
     h = conv(SiLU(GroupNorm(h) * (1 + scale) + shift)), where (scale, shift) = Linear(emb).
@@ -81,8 +109,9 @@ class AttentionBlock(nn.Module):
     projected context tokens (GLIDE's ``encoder_kv``): each position attends over
     [context tokens; own spatial tokens]."""
 
-    def __init__(self, channels: int, head_channels: int, context_width: Optional[int]):
+    def __init__(self, channels: int, head_channels: int, context_width: Optional[int], positions: bool = False):
         super().__init__()
+        self.positions = positions
         if channels % head_channels:
             raise ValueError(f"{channels} channels are not divisible into heads of {head_channels}")
         self.heads = channels // head_channels
@@ -94,7 +123,10 @@ class AttentionBlock(nn.Module):
     def forward(self, x: Tensor, context: Optional[Tensor] = None, context_mask: Optional[Tensor] = None) -> Tensor:
         # x: [N, C, H, W]; context: [N, S, context_width]; context_mask: [N, S] bool, True = attend
         n, c, height, width = x.shape
-        q, k, v = rearrange(self.qkv(self.norm(x)), "n (three h d) y x -> three n h (y x) d", three=3, h=self.heads)
+        h = self.norm(x)
+        if self.positions:
+            h = h + sincos_positions(c, height, width, x.device, h.dtype)
+        q, k, v = rearrange(self.qkv(h), "n (three h d) y x -> three n h (y x) d", three=3, h=self.heads)
         mask = None
         if self.context_kv is not None and context is not None:
             context_k, context_v = rearrange(self.context_kv(context), "n s (two h d) -> two n h s d", two=2, h=self.heads)
@@ -145,9 +177,9 @@ class UNet(nn.Module):
         def stage(c_in: int, c_out: int, resolution: int, resample: Resample = "none") -> _Stage:
             res = ResBlock(c_in, c_out, self.emb_dim, config.dropout, resample)
             attend = resample == "none" and resolution in config.attention_resolutions
-            return _Stage(res, AttentionBlock(c_out, config.head_channels, context_width) if attend else None)
+            return _Stage(res, AttentionBlock(c_out, config.head_channels, context_width, config.attention_positions) if attend else None)
 
-        self.input_conv = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.input_conv = nn.Conv2d(in_channels + (2 if config.coordinates else 0), ch, 3, padding=1)
         self.down = nn.ModuleList()
         skips = [ch]  # channels of every activation the decoder half will concatenate
         resolution, c = image_size, ch
@@ -161,7 +193,7 @@ class UNet(nn.Module):
                 resolution //= 2
                 skips.append(c)
 
-        middle_attention = AttentionBlock(c, config.head_channels, context_width) if config.attention_resolutions else None
+        middle_attention = AttentionBlock(c, config.head_channels, context_width, config.attention_positions) if config.attention_resolutions else None
         self.middle = nn.ModuleList([_Stage(ResBlock(c, c, self.emb_dim, config.dropout), middle_attention),
                                      _Stage(ResBlock(c, c, self.emb_dim, config.dropout), None)])
 
@@ -194,7 +226,8 @@ class UNet(nn.Module):
         if extra_emb is not None:
             emb = emb + extra_emb
         emb = F.silu(emb)  # every ResBlock's projection starts with SiLU (improved-diffusion emb_layers)
-
+        if self.config.coordinates:
+            x = torch.cat([x, pixel_coordinates(x)], dim=1)
         h = self.input_conv(x)
         skips = [h]
         for block in self.down:

@@ -11,6 +11,7 @@ import torch
 from dalle2.config import DecoderConfig, DiffusionConfig, Prediction, TextEncoderConfig, UNetConfig, from_dict, read_preset_file
 from dalle2.decoder import Decoder
 from dalle2.diffusion import GaussianDiffusion
+from dalle2.unet import AttentionBlock, UNet, pixel_coordinates, sincos_positions
 
 # CLIP embedding dims of the presets' CLIP models (the factory fills them in; fixed here so these
 # tests do not depend on building CLIP). Parameter counts barely depend on them.
@@ -135,7 +136,7 @@ def test_caption_padding_is_ignored(tiny):
     rows = [[320, 2368], [320, 1929, 530]]
     with torch.no_grad():
         short = tiny(x_t, t, image_embed=embed, text_tokens=caption_tokens(rows, length=8))
-        long = tiny(x_t, t, image_embed=embed, text_tokens=caption_tokens(rows, length=77))
+        long = tiny(x_t, t, image_embed=embed, text_tokens=caption_tokens(rows, length=tiny.config.text.context_length))
     torch.testing.assert_close(short, long, atol=1e-5, rtol=1e-4)
 
 
@@ -151,7 +152,7 @@ def test_random_drop_masks_follow_the_config(tiny):
 def test_inpainting_channels_read_only_known_pixels():
     torch.manual_seed(0)
     model = perturbed(Decoder(preset_config("tiny", inpainting=True)))
-    assert model.unet.input_conv.in_channels == 7
+    assert model.unet.input_conv.in_channels == 3 + 4 + (2 if model.config.unet.coordinates else 0)  # image, inpaint, (y, x)
     x_t, t, embed = inputs()
     image = torch.rand(2, 3, 32, 32) * 2 - 1
     mask = torch.zeros(2, 1, 32, 32)
@@ -165,6 +166,40 @@ def test_inpainting_channels_read_only_known_pixels():
     assert output.shape == x_t.shape
     torch.testing.assert_close(output, same)
     assert not torch.allclose(output, nothing_known, atol=1e-4)
+
+
+def test_attention_position_code_tells_every_position_apart():
+    code = sincos_positions(64, 16, 16, "cpu", torch.float32)  # [C, H, W]
+    assert code.shape == (64, 16, 16) and code.abs().max() <= 1.0
+    vectors = code.reshape(64, -1).T  # [H*W, C]
+    distances = torch.cdist(vectors, vectors) + torch.eye(16 * 16) * 1e9
+    assert distances.min() > 0.1
+
+
+@pytest.mark.parametrize("positions", [False, True])
+def test_attention_knows_where_it_is_only_with_the_position_code(positions):
+    # Attention over spatial tokens is permutation-equivariant: on a feature map that is the same
+    # everywhere it answers the same everywhere, so "at the top left" cannot be drawn from the
+    # condition tokens it attends to. The position code breaks that symmetry.
+    torch.manual_seed(0)
+    block = perturbed(AttentionBlock(64, 32, context_width=16, positions=positions))
+    uniform = torch.randn(1, 64, 1, 1).expand(2, 64, 8, 8).contiguous()
+    with torch.no_grad():
+        out = block(uniform, torch.randn(2, 3, 16))
+    spread = (out - out.mean(dim=(2, 3), keepdim=True)).abs().max().item()
+    assert spread > 1e-2 if positions else spread < 1e-5
+
+
+def test_coordinate_channels_follow_the_input_size():
+    coords = pixel_coordinates(torch.zeros(2, 3, 4, 5))
+    assert coords.shape == (2, 2, 4, 5)
+    assert coords[0, :, 0, 0].tolist() == [-1.0, -1.0] and coords[0, :, -1, -1].tolist() == [1.0, 1.0]
+    assert torch.equal(coords[0, 0, :, 0], torch.linspace(-1, 1, 4))  # channel 0 is y (rows)
+    unet = perturbed(UNet(UNetConfig(channels=32, channel_mults=(1, 2), res_blocks=1, coordinates=True), 32, 3, 3))
+    assert unet.input_conv.in_channels == 3 + 2
+    for size in (16, 32, 48):  # any size, as the upsamplers' crops need
+        with torch.no_grad():
+            assert unet(torch.zeros(1, 3, size, size), torch.tensor([5])).shape == (1, 3, size, size)
 
 
 def test_bad_inputs_are_clear_errors(tiny):
