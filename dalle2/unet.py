@@ -15,6 +15,7 @@ attention goes through ``F.scaled_dot_product_attention`` (flash / memory-effici
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal, Optional
 
@@ -59,10 +60,12 @@ def pixel_coordinates(x: Tensor) -> Tensor:
     return grid.expand(n, -1, -1, -1)
 
 
+@functools.lru_cache(maxsize=64)  # a constant per block shape: built once, not at every forward of every step
 def sincos_positions(channels: int, height: int, width: int, device, dtype) -> Tensor:
     """[channels, H, W] fixed 2D position code (as ViT/MAE's 2D sin-cos embedding): a quarter of the
     channels each for sin/cos of y and of x in [-1, 1], at frequencies from one cycle over the
-    image up to the feature map's Nyquist rate; channels beyond a multiple of 4 are zero."""
+    image up to the feature map's Nyquist rate; channels beyond a multiple of 4 are zero.
+    Shared between calls: never modify it in place."""
     per = channels // 4
     code = torch.zeros(channels, height, width, device=device, dtype=torch.float32)
     if per == 0:
