@@ -209,6 +209,18 @@ def test_eval_command_reports_every_field(tmp_path, cascade, train_shapes):
     assert Image.open(out / "samples.png").size[1] > 2 * 64  # a generated row above a real row
 
 
+def test_eval_can_decode_from_the_images_own_embeddings(tmp_path, cascade, train_shapes):
+    # The prior is still scored, but the decoder draws from the held-out images' CLIP embeddings:
+    # what tells a prior that loses an attribute from a decoder that cannot draw it.
+    settings = EvalSettings(bundles=cascade, data=train_shapes, out=str(tmp_path / "out"), count=4, steps=Steps.parse("2"),
+                            validation_fraction=0.2, batch_size=4, decode_from="image")  # fmt: skip
+    report = run_eval(settings)
+    assert report["prior"]["cosine"] is not None and report["settings"]["decode_from"] == "image"
+    assert report["generation"]["conditioning"] == "true_image_embeddings" and report["generation"]["images"] == 4
+    with pytest.raises(ValueError, match="decode_from"):
+        EvalSettings(bundles=cascade, data=train_shapes, decode_from="text")
+
+
 def test_eval_scores_whatever_stages_exist(tmp_path, tiny_clip_bundle, train_shapes):
     folder = os.path.dirname(tiny_clip_bundle)  # a folder with a clip bundle only
     report = run_eval(EvalSettings(bundles=folder, data=train_shapes, out=str(tmp_path / "out"), count=16, validation_fraction=0.2))

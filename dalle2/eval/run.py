@@ -99,6 +99,10 @@ class EvalSettings:
     decoder_guidance: float = 3.0  # the pipeline's default (GLIDE-style classifier-free guidance)
     batch_size: int = 32  # rows per model call
     device: str = "cpu"
+    # Where the decoder's image embeddings come from when there is a prior: "prior" (text ->
+    # image, what users get) or "image" (the held-out images' own CLIP embeddings). Scoring both
+    # tells a prior that loses an attribute from a decoder that cannot draw it.
+    decode_from: str = "prior"
 
     def __post_init__(self) -> None:
         if self.count < 2 or self.batch_size < 1:
@@ -107,6 +111,8 @@ class EvalSettings:
             raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
         if self.split not in ("validation", "train"):
             raise ValueError(f"split must be validation or train, got {self.split!r}")
+        if self.decode_from not in ("prior", "image"):
+            raise ValueError(f"decode_from must be prior or image, got {self.decode_from!r}")
 
 
 @dataclass
@@ -307,7 +313,8 @@ def run_eval(settings: EvalSettings, progress: Optional[Progress] = None) -> dic
             for part in _batches(len(rows), settings.batch_size)
         ])  # fmt: skip
         report["prior"] = metrics.prior_cosine(predicted, image_embeds, text.embed, prior.image_mean.cpu())
-        embeds, conditioning = predicted, "prior"
+        if settings.decode_from == "prior":
+            embeds, conditioning = predicted, "prior"
         now = lap("prior", now)
         progress("prior scored")
 
