@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from dalle2.config import from_dict
-from dalle2.data import storage
+from dalle2.data import pipeline, storage
 from dalle2.data.pipeline import CollateTrainingBatch, DataConfig, build_datasets
 from dalle2.data.preprocess import Flip, in_validation
 from dalle2.data.schema import IMAGE_CAPTION_SCHEMA, DatasetError, read_dataset
@@ -73,6 +73,24 @@ def test_every_row_arrives_once_from_s3_and_bad_rows_are_counted(s3_server, ray_
     assert train["image"].shape[1:] == (IMAGE_SIZE, IMAGE_SIZE, 3) and train["image"].dtype == np.uint8
     assert train["tokens"].shape[1:] == (CONTEXT_LENGTH,) and train["tokens"].dtype == np.int64
     assert data.dropped_rows() == {"undecodable_image": 1, "empty_caption": 1, "missing_image": 1}
+
+
+def test_a_map_task_yields_its_rows_in_blocks_of_the_byte_budget(monkeypatch):
+    """Ray charges per block, so a task gathers its decode calls' rows into blocks of about
+    OUTPUT_BLOCK_BYTES; every row still leaves once, in order, with its columns aligned."""
+    keys = [f"row/{i:03d}" for i in range(100)]
+    block = {"key": np.array(keys, object), "caption": np.array([f"caption {i}" for i in range(100)], object),
+             "image": np.array([png_bytes()] * 100, object)}  # fmt: skip
+    options = dict(dropped=None, rows_per_call=16, image_size=8, context_length=8, split="train", validation_fraction=0.0)
+    row_bytes = 8 * 8 * 3 + 8 * 8 + 2 * 8  # pixels, tokens, two object pointers
+
+    whole = list(pipeline._preprocess_in_task(block, **options))
+    assert [len(out["key"]) for out in whole] == [100]  # a small file is one block
+    monkeypatch.setattr(pipeline, "OUTPUT_BLOCK_BYTES", 40 * row_bytes)
+    parts = list(pipeline._preprocess_in_task(block, **options))
+    assert [len(out["key"]) for out in parts] == [48, 48, 4]  # whole calls of 16 rows, >= 40 rows each
+    assert list(np.concatenate([out["key"] for out in parts])) == keys
+    assert all(len(out["tokens"]) == len(out["image"]) == len(out["caption"]) == len(out["key"]) for out in parts)
 
 
 def test_data_config_from_a_job_config():

@@ -60,6 +60,7 @@ class DataBenchSettings:
     batch_size: int = 64  # rows per batch the workers take
     preprocess_batch_size: int = 128  # rows per decode call, in both the pipeline and the plain loop
     cpus_per_task: float = 0.25  # as jobs/configs/*-tiny-cpu.yaml
+    preprocess_tasks: int = 0  # decode tasks at once; 0 = the pipeline's default (DataConfig)
     repeats: int = 3  # timed epochs of each reader, alternating
     warmup: int = 1  # untimed epochs first (Ray starts its worker processes)
     decoder_batch: int = 16  # per worker, as decoder-tiny-cpu.yaml
@@ -253,6 +254,7 @@ def run_data_bench(settings: DataBenchSettings, log: Optional[Callable[[str], No
             data_config = DataConfig(
                 path=uri, image_size=image_size, context_length=context_length, validation_fraction=0.0,
                 batch_size=settings.preprocess_batch_size, cpus_per_task=settings.cpus_per_task,
+                preprocess_tasks=settings.preprocess_tasks,
             )  # fmt: skip
             dataset = preprocessed_rows(data_config, filesystem, files, "train", DroppedRows.remote())
 
@@ -400,6 +402,7 @@ def settings_from_args(args: argparse.Namespace) -> DataBenchSettings:
         data=args.data, count=args.count, source_size=args.source_size, rows_per_file=args.rows_per_file,
         batch_size=args.batch_size, repeats=args.repeats, warmup=args.warmup, decoder_batch=args.decoder_batch,
         decoder_steps=args.decoder_steps, decoder_warmup=args.decoder_warmup, seed=args.seed,
+        preprocess_tasks=args.preprocess_tasks,
     )  # fmt: skip
 
 
@@ -424,6 +427,8 @@ def add_data_benchmark(bench_commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--source-size", type=int, default=defaults.source_size, help="synthetic image side in pixels")
     parser.add_argument("--rows-per-file", type=int, default=defaults.rows_per_file, help="synthetic rows per Parquet file")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="rows per batch the workers take")
+    parser.add_argument("--preprocess-tasks", type=int, default=defaults.preprocess_tasks,
+                        help="decode tasks running at once (default: the pipeline's, the cluster's CPU count)")
     parser.add_argument("--repeats", type=int, default=defaults.repeats, help="timed epochs of each reader; medians reported")
     parser.add_argument("--warmup", type=int, default=defaults.warmup, help="untimed epochs of each reader first")
     parser.add_argument("--decoder-batch", type=int, default=defaults.decoder_batch, help="decoder batch per worker")
