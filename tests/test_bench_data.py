@@ -14,7 +14,8 @@ def test_bench_data_reports_throughputs_ratio_and_data_wait(ray_cluster):
     add_bench_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(
         ["bench", "data", "--json", "--quiet", "--count", "48", "--rows-per-file", "12", "--batch-size", "8",
-         "--repeats", "1", "--warmup", "0", "--decoder-batch", "4", "--decoder-steps", "2", "--decoder-warmup", "1"]
+         "--repeats", "1", "--warmup", "0", "--decoder-batch", "4", "--decoder-steps", "2", "--decoder-warmup", "1",
+         "--preprocess-tasks", "3"]
     )  # fmt: skip
     assert args.func is cmd_data  # registered in the bench group
     # The result itself, not stdout: Ray's own warnings may land on stdout in the middle of it.
@@ -24,6 +25,7 @@ def test_bench_data_reports_throughputs_ratio_and_data_wait(ray_cluster):
     assert result["dataset"]["files"] == 4 and result["dataset"]["image_size"] == 32  # the tiny decoder's resolution
     assert result["plain_loop"]["images_per_epoch"] == 48
     assert result["pipeline"]["images_per_epoch"] == 48  # 2 equal shards of an even row count: nothing left out
+    assert result["pipeline"]["decode_tasks"] == 3 and result["settings"]["preprocess_tasks"] == 3
     for reader in ("plain_loop", "pipeline"):
         assert result[reader]["images_per_s"] > 0
     assert result["pipeline_vs_plain"] > 0
@@ -40,4 +42,4 @@ def test_bench_data_reports_throughputs_ratio_and_data_wait(ray_cluster):
     assert ray_session_cpu_seconds() > 0
 
     report = format_data_report(result)
-    assert "images/s" in report and "waiting for data" in report
+    assert "images/s" in report and "waiting for data" in report and "decode tasks at once: 3" in report

@@ -234,7 +234,7 @@ def run_data_bench(settings: DataBenchSettings, log: Optional[Callable[[str], No
     import ray
 
     from dalle2.bench.timing import machine_info
-    from dalle2.data.pipeline import DataConfig, DroppedRows, check_dataset, preprocessed_rows
+    from dalle2.data.pipeline import DataConfig, DroppedRows, check_dataset, preprocess_concurrency, preprocessed_rows
 
     say = log or (lambda message: None)
     machine = machine_info()
@@ -257,6 +257,7 @@ def run_data_bench(settings: DataBenchSettings, log: Optional[Callable[[str], No
                 preprocess_tasks=settings.preprocess_tasks,
             )  # fmt: skip
             dataset = preprocessed_rows(data_config, filesystem, files, "train", DroppedRows.remote())
+            decode_tasks = preprocess_concurrency(data_config)
 
             # Half a CPU each, as decoder-tiny-cpu.yaml's Train workers (cpus_per_worker: 0.5).
             worker_class = ray.remote(num_cpus=0.5)(BenchWorker)
@@ -280,7 +281,7 @@ def run_data_bench(settings: DataBenchSettings, log: Optional[Callable[[str], No
         "settings": asdict(settings),
         "dataset": {"uri": settings.data or "(temporary)", "what": description, "files": len(files), "image_size": image_size},
         "plain_loop": readers["plain"],
-        "pipeline": readers["pipeline"],
+        "pipeline": {**readers["pipeline"], "decode_tasks": decode_tasks},
         "pipeline_vs_plain": round(ratio, 3),
         "cpu_bound_estimate": _cpu_bound_estimate(readers, machine),
         "decoder_step": step,
@@ -386,6 +387,7 @@ def format_data_report(result: dict) -> str:
         f"  {'plain loop (' + plain['what'] + ')':<46}{plain['images_per_s']:>9.0f} images/s",
         f"  {'pipeline (' + pipeline['what'] + ')':<46}{pipeline['images_per_s']:>9.0f} images/s"
         f"   {result['pipeline_vs_plain']:.2f}x the plain loop (target >= {TARGET_RATIO}x: {mark[met['pipeline_vs_plain']]})",
+        f"  decode tasks at once: {pipeline['decode_tasks']} (data.preprocess_tasks; --preprocess-tasks)",
         *_estimate_lines(result),
         f"  {step['what']}: {step['step_s']:.3f} s/step, waiting for data {100 * step['data_wait_fraction']:.1f}% "
         f"(target < {100 * TARGET_WAIT_FRACTION:.0f}%: {mark[met['data_wait_fraction']]})",
@@ -428,7 +430,7 @@ def add_data_benchmark(bench_commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--rows-per-file", type=int, default=defaults.rows_per_file, help="synthetic rows per Parquet file")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="rows per batch the workers take")
     parser.add_argument("--preprocess-tasks", type=int, default=defaults.preprocess_tasks,
-                        help="decode tasks running at once (default: the pipeline's, the cluster's CPU count)")
+                        help="decode tasks running at once (default: the pipeline's, the cluster's CPUs + 4)")
     parser.add_argument("--repeats", type=int, default=defaults.repeats, help="timed epochs of each reader; medians reported")
     parser.add_argument("--warmup", type=int, default=defaults.warmup, help="untimed epochs of each reader first")
     parser.add_argument("--decoder-batch", type=int, default=defaults.decoder_batch, help="decoder batch per worker")

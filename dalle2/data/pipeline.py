@@ -194,7 +194,8 @@ def _columns(carry: Mapping[str, str] | None) -> list[str]:
     return list(dict.fromkeys([*TRAINING_COLUMNS, *(carry or {})]))
 
 
-def _preprocess_concurrency(config: DataConfig) -> int:
+def preprocess_concurrency(config: DataConfig) -> int:
+    """How many decode tasks the pipeline runs at once for ``config`` on the connected cluster."""
     if config.preprocess_tasks > 0:
         return config.preprocess_tasks
     return max(1, int(ray.cluster_resources().get("CPU", 1))) + EXTRA_PREPROCESS_TASKS
@@ -215,7 +216,7 @@ def preprocessed_rows(
     # and other extras cost nothing. One read task per file, and the decode runs in the same
     # task (Ray fuses the two when the map takes whole blocks and both have the same task
     # cap): no extra hop through the object store, and at most `tasks` worker processes.
-    tasks = _preprocess_concurrency(config)
+    tasks = preprocess_concurrency(config)
     with _pipeline_context():
         rows = ray.data.read_parquet(
             files,
