@@ -75,7 +75,9 @@ log = logging.getLogger(__name__)
 # amount of CPU (object store put, metadata, the consumer's fetch and batching) whatever its
 # size: at 32px, blocks of one 128-row call (merged by Ray to its 1 MiB minimum) cost 9% more
 # CPU per image than blocks of a whole 1,024-row file (`dalle2 bench data`). Blocks of a few
-# MB still stream: a file's rows leave as soon as they fill one.
+# MB still stream: a file's rows leave as soon as they fill one. Object columns (captions, and
+# encoded images where carried) count only their pointers, but a block never holds more than
+# one file's rows, so the file size bounds it.
 OUTPUT_BLOCK_BYTES = 8 * 1024 * 1024
 # Decode tasks beyond one per CPU, to fill the cores while a task waits (see module doc).
 EXTRA_PREPROCESS_TASKS = 4
