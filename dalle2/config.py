@@ -41,6 +41,9 @@ class DiffusionConfig:
     schedule: Schedule = Schedule.COSINE
     prediction: Prediction = Prediction.EPS
     sample_steps: int = 64  # default number of respaced steps at sampling time
+    # Min-SNR-gamma loss weighting (Hang et al. 2023; GaussianDiffusion.loss_weights): 0 = plain loss.
+    min_snr_gamma: float = 0.0
+    min_loss_weight: float = 0.0  # the least factor any timestep's loss keeps under min_snr_gamma
 
 
 @dataclass(frozen=True)

@@ -72,11 +72,16 @@ class GaussianDiffusion:
     respaced process the model receives ``timestep_map[t]``, the original timestep.
     """
 
-    def __init__(self, betas: Tensor, prediction: Prediction, timestep_map: Optional[Tensor] = None):
+    def __init__(
+        self, betas: Tensor, prediction: Prediction, timestep_map: Optional[Tensor] = None, min_snr_gamma: float = 0.0, min_loss_weight: float = 0.0
+    ):
         betas = torch.as_tensor(betas, dtype=torch.float64).flatten().cpu()
         if not bool(((betas > 0) & (betas <= 1)).all()):
             raise ValueError("betas must lie in (0, 1]")
         self.prediction = Prediction(prediction)
+        if min_snr_gamma < 0 or not 0 <= min_loss_weight <= 1:
+            raise ValueError(f"need min_snr_gamma >= 0 (0 = off) and min_loss_weight in [0, 1], got {min_snr_gamma}, {min_loss_weight}")
+        self.min_snr_gamma, self.min_loss_weight = float(min_snr_gamma), float(min_loss_weight)
         self.num_timesteps = int(betas.shape[0])
         if timestep_map is None:
             timestep_map = torch.arange(self.num_timesteps)
@@ -104,7 +109,7 @@ class GaussianDiffusion:
     @classmethod
     def from_config(cls, config: DiffusionConfig) -> "GaussianDiffusion":
         """The full training process of a config (respace it to ``config.sample_steps`` for sampling)."""
-        return cls(make_betas(config.schedule, config.timesteps), config.prediction)
+        return cls(make_betas(config.schedule, config.timesteps), config.prediction, min_snr_gamma=config.min_snr_gamma, min_loss_weight=config.min_loss_weight)
 
     def __repr__(self) -> str:
         return f"GaussianDiffusion(num_timesteps={self.num_timesteps}, prediction={self.prediction.value})"
@@ -119,7 +124,7 @@ class GaussianDiffusion:
         kept = even_timesteps(self.num_timesteps, steps)
         alphas_cumprod = self.alphas_cumprod[kept]
         previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
-        return GaussianDiffusion(1 - alphas_cumprod / previous, self.prediction, self.timestep_map[kept])
+        return GaussianDiffusion(1 - alphas_cumprod / previous, self.prediction, self.timestep_map[kept], self.min_snr_gamma, self.min_loss_weight)
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -188,6 +193,25 @@ class GaussianDiffusion:
             return noise
         return self._at(self.sqrt_alphas_cumprod, t, x_t) * noise - self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t) * x0
 
+    def loss_weights(self, t: Tensor) -> Tensor:
+        """Per-timestep factors [N] (float32) on the prediction's squared error: all 1 for the plain
+        loss; with ``min_snr_gamma``, Min-SNR-gamma (Hang et al. 2023), at least ``min_loss_weight``.
+
+        Written as a weight on ||x_0 - x0_hat||^2, the plain losses weigh a timestep by SNR_t for
+        eps, 1 + SNR_t for v and 1 for x_0 (SNR_t = abar_t / (1 - abar_t)), so the eps and v losses
+        spend most of their gradient on the least noisy timesteps, where only invisible detail is
+        left to learn. Min-SNR-gamma weighs the x_0 error by min(SNR_t, gamma) instead: the factor
+        is min(SNR, gamma) / SNR for eps, min(SNR, gamma) / (SNR + 1) for v, min(SNR, gamma) for x_0.
+        For v and x_0 that also shrinks the noisiest timesteps toward 0, and those place the
+        objects; ``min_loss_weight`` keeps a floor under them.
+        """
+        if not self.min_snr_gamma:
+            return torch.ones(t.shape, dtype=torch.float32, device=t.device)
+        snr = (self.alphas_cumprod / (1 - self.alphas_cumprod)).to(t.device)[t]
+        plain = {Prediction.EPS: snr, Prediction.V: 1 + snr, Prediction.X0: torch.ones_like(snr)}[self.prediction]
+        # (a process whose last beta is 1 has SNR 0 there: 0 / 0 would be NaN for eps)
+        return (snr.clamp(max=self.min_snr_gamma) / plain.clamp_min(1e-300)).clamp(min=self.min_loss_weight).float()
+
     def training_loss(
         self,
         model: Callable[..., Tensor],
@@ -198,7 +222,8 @@ class GaussianDiffusion:
         generator: Optional[torch.Generator] = None,
         **cond,
     ) -> Tensor:
-        """Per-sample MSE [N] between the network output and its target (DDPM Algorithm 1, L_simple).
+        """Per-sample MSE [N] between the network output and its target (DDPM Algorithm 1, L_simple),
+        times :meth:`loss_weights` (all 1 unless the process has a ``min_snr_gamma``).
 
         t is drawn uniformly from 0..T-1 when not given; the mean over non-batch dims is taken
         in float32 so bf16 outputs do not lose the loss's precision.
@@ -212,7 +237,7 @@ class GaussianDiffusion:
         x_t = self.q_sample(x0, t, noise)
         output = model(x_t, self.model_timesteps(t), **cond)
         target = self.training_target(x0, x_t, t, noise)
-        return (output.float() - target.float()).pow(2).reshape(n, -1).mean(dim=1)
+        return (output.float() - target.float()).pow(2).reshape(n, -1).mean(dim=1) * self.loss_weights(t)
 
     # -- sampling (the loops live in dalle2/sampling.py; these are the same functions as methods) --
 

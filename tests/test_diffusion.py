@@ -123,6 +123,36 @@ def test_training_target_round_trips_to_x0(prediction):
     torch.testing.assert_close(diffusion.predict_eps(x_t, t, x0), noise, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("prediction", list(Prediction))
+def test_min_snr_weighs_each_timesteps_x0_error_by_min_snr_gamma(prediction):
+    """Measured as loss / ||x0 - x0_hat||^2: the plain losses weigh the x_0 error by SNR (eps),
+    1 + SNR (v) and 1 (x_0); Min-SNR-gamma by min(SNR, gamma), and with a floor no timestep's
+    factor on its own loss drops below it."""
+    gamma, floor, betas = 5.0, 0.3, make_betas(Schedule.COSINE, 1000)
+    plain, min_snr = GaussianDiffusion(betas, prediction), GaussianDiffusion(betas, prediction, min_snr_gamma=gamma)
+    floored = GaussianDiffusion(betas, prediction, min_snr_gamma=gamma, min_loss_weight=floor)
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64)
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    error = torch.randn(x0.shape, generator=g, dtype=torch.float64) * 0.1
+    t = torch.tensor([0, 100, 300, 500, 800, 999])
+    x_t = plain.q_sample(x0, t, noise)
+    output = plain.training_target(x0, x_t, t, noise) + error
+    model = lambda x, timesteps: output  # noqa: E731
+    x0_error = (plain.predict_x0(output, x_t, t) - x0).pow(2).reshape(6, -1).mean(1)
+    snr = plain.alphas_cumprod[t] / (1 - plain.alphas_cumprod[t])  # the schedule itself is checked above
+    native = {Prediction.EPS: snr, Prediction.V: 1 + snr, Prediction.X0: torch.ones_like(snr)}[prediction]
+    weight = lambda process: process.training_loss(model, x0, t=t, noise=noise).double() / x0_error  # noqa: E731
+    torch.testing.assert_close(weight(plain), native, rtol=1e-4, atol=0)
+    torch.testing.assert_close(weight(min_snr), snr.clamp(max=gamma), rtol=1e-4, atol=0)
+    torch.testing.assert_close(weight(floored), torch.maximum(snr.clamp(max=gamma), floor * native), rtol=1e-4, atol=0)
+    assert min_snr.respace(10).min_snr_gamma == gamma and floored.respace(10).min_loss_weight == floor
+    config = DiffusionConfig(prediction=prediction, min_snr_gamma=gamma, min_loss_weight=floor)
+    torch.testing.assert_close(GaussianDiffusion.from_config(config).loss_weights(t), floored.loss_weights(t))
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        GaussianDiffusion(betas, prediction, min_snr_gamma=-1.0)
+
+
 # -- respacing ---------------------------------------------------------------------------------
 
 
