@@ -30,6 +30,7 @@ def _options(args: argparse.Namespace):
         prior=StageOptions(args.prior_steps, args.prior_guidance),
         decoder=StageOptions(args.decoder_steps, args.decoder_guidance),
         upsampler=StageOptions(args.upsampler_steps, 1.0),
+        low_res_consistency=not args.free_upsampling,
     )
 
 
@@ -92,6 +93,10 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{stage}-steps", type=int, default=None)
         parser.add_argument(f"--{stage}-guidance", type=float, default=guidance)
     parser.add_argument("--upsampler-steps", type=int, default=None)
+    parser.add_argument(
+        "--free-upsampling", action="store_true",
+        help="let the upsamplers change colors and layout (default: their output downsamples exactly to their input)",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,7 +31,7 @@ from dalle2.diffusion import ClassifierFreeGuidance, GaussianDiffusion
 from dalle2.images import InvalidInput, edit_mask, image_to_tensor, tensor_to_images
 from dalle2.prior import DiffusionPrior
 from dalle2.sampling import SampleStep
-from dalle2.upsampler import Upsampler
+from dalle2.upsampler import Upsampler, low_res_projection
 
 # progress(stage name, step): "prior", "decoder", "upsampler_256", ...
 Progress = Callable[[str, SampleStep], None]
@@ -52,6 +52,7 @@ class GenerationOptions:
     prior: StageOptions = field(default_factory=lambda: StageOptions(guidance_scale=1.0))
     decoder: StageOptions = field(default_factory=lambda: StageOptions(guidance_scale=3.0))
     upsampler: StageOptions = field(default_factory=StageOptions)
+    low_res_consistency: bool = True  # upsamplers keep the colors and layout of the image below them
 
 
 @dataclass
@@ -190,9 +191,15 @@ def decode(
 
 @torch.no_grad()
 def upsample(
-    upsamplers: Sequence[Upsampler], images: torch.Tensor, size: int, options: StageOptions, generator: torch.Generator, progress: Optional[Progress] = None
-) -> torch.Tensor:
-    """Run the cascade from ``images``' size up to ``size`` (a size the cascade reaches)."""
+    upsamplers: Sequence[Upsampler], images: torch.Tensor, size: int, options: StageOptions, generator: torch.Generator,
+    progress: Optional[Progress] = None, low_res_consistency: bool = True,
+) -> torch.Tensor:  # fmt: skip
+    """Run the cascade from ``images``' size up to ``size`` (a size the cascade reaches).
+
+    With ``low_res_consistency`` every predicted x_0 is projected onto the images whose area
+    downsampling is the stage's input (:func:`~dalle2.upsampler.low_res_projection`): an
+    upsampler adds detail but cannot change colors or layout. Off, it samples freely, as the paper's.
+    """
     for upsampler in upsamplers:
         config = upsampler.config
         if images.shape[-1] >= size:
@@ -201,6 +208,7 @@ def upsample(
         images = process.sample(
             upsampler, (images.shape[0], 3, config.image_size, config.image_size), generator=generator, clip_x0=1.0,
             low_res=images, device=images.device, progress=_stage_progress(progress, f"upsampler_{config.image_size}"),
+            project_x0=low_res_projection(images) if low_res_consistency else None,
         )  # fmt: skip
     return images
 
@@ -221,7 +229,7 @@ def _fit_tokens(tokens: Optional[torch.Tensor], length: int) -> Optional[torch.T
 
 
 def _finish(pipe: UnCLIP, images: torch.Tensor, size: int, options: GenerationOptions, generator, progress) -> list[Image.Image]:
-    return tensor_to_images(upsample(pipe.upsamplers, images, size, options.upsampler, generator, progress))
+    return tensor_to_images(upsample(pipe.upsamplers, images, size, options.upsampler, generator, progress, options.low_res_consistency))
 
 
 def text_to_image(pipe: UnCLIP, prompts: Sequence[str], options: GenerationOptions = GenerationOptions(), progress: Optional[Progress] = None) -> list[Image.Image]:
@@ -326,7 +334,7 @@ def edit(
     embeds = embeds.repeat_interleave(n, dim=0)
     known_batch = (known.expand(n, -1, -1, -1), keep.expand(n, -1, -1, -1))
     decoded = decode(pipe.decoder, embeds, tokens, options.decoder, generator, _stage_progress(progress, "decoder"), known=known_batch)
-    final = upsample(pipe.upsamplers, decoded, size, options.upsampler, generator, progress)
+    final = upsample(pipe.upsamplers, decoded, size, options.upsampler, generator, progress, options.low_res_consistency)
     if final.shape[-1] != base:  # restore the kept pixels at the output resolution
         keep_full = edit_mask(mask, image, final.shape[-1]).to(final)
         final = keep_full * image_to_tensor(image, final.shape[-1]).to(final) + (1 - keep_full) * final

@@ -66,6 +66,7 @@ def _progressive(
     generator: Optional[torch.Generator],
     clip_x0: Optional[float],
     known: Optional[tuple[Tensor, Tensor]],
+    project_x0: Optional[Callable[[Tensor], Tensor]],
     device,
     cond: dict,
 ) -> Iterator[SampleStep]:
@@ -86,6 +87,8 @@ def _progressive(
         with torch.no_grad():
             t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
             x0 = diffusion.predict_x0(model(x, diffusion.model_timesteps(t), **cond), x, t).to(x.dtype)
+            if project_x0 is not None:
+                x0 = project_x0(x0)
             if clip_x0 is not None:
                 x0 = x0.clamp(-clip_x0, clip_x0)
             x = update(x, x0, t, i)
@@ -103,6 +106,7 @@ def ddpm_sample_progressive(
     generator: Optional[torch.Generator] = None,
     clip_x0: Optional[float] = None,
     known: Optional[tuple[Tensor, Tensor]] = None,
+    project_x0: Optional[Callable[[Tensor], Tensor]] = None,
     device=None,
     **cond,
 ) -> Iterator[SampleStep]:
@@ -111,7 +115,9 @@ def ddpm_sample_progressive(
 
     noise: x_T (its dtype and device are the sample's); else drawn from `generator` on `device`.
     clip_x0: clamp the predicted x_0 to [-clip_x0, clip_x0] (images: 1.0; embeddings: None).
-    known: (image, mask) for inpainting, see :func:`paste_known`. cond goes to the model.
+    known: (image, mask) for inpainting, see :func:`paste_known`.
+    project_x0: applied to every predicted x_0 before clipping (guided-diffusion's ``denoised_fn``),
+    e.g. :func:`dalle2.upsampler.low_res_projection`. cond goes to the model.
     """
 
     def update(x: Tensor, x0: Tensor, t: Tensor, i: int) -> Tensor:
@@ -121,8 +127,9 @@ def ddpm_sample_progressive(
         return mean + (0.5 * log_variance).exp() * gaussian_noise(x.shape, generator, x.device, x.dtype)
 
     return _progressive(
-        diffusion, model, shape, update, noise=noise, generator=generator, clip_x0=clip_x0, known=known, device=device, cond=cond
-    )
+        diffusion, model, shape, update, noise=noise, generator=generator, clip_x0=clip_x0, known=known, project_x0=project_x0,
+        device=device, cond=cond,
+    )  # fmt: skip
 
 
 def ddim_sample_progressive(
@@ -135,6 +142,7 @@ def ddim_sample_progressive(
     generator: Optional[torch.Generator] = None,
     clip_x0: Optional[float] = None,
     known: Optional[tuple[Tensor, Tensor]] = None,
+    project_x0: Optional[Callable[[Tensor], Tensor]] = None,
     device=None,
     **cond,
 ) -> Iterator[SampleStep]:
@@ -159,5 +167,6 @@ def ddim_sample_progressive(
         return x_prev
 
     return _progressive(
-        diffusion, model, shape, update, noise=noise, generator=generator, clip_x0=clip_x0, known=known, device=device, cond=cond
-    )
+        diffusion, model, shape, update, noise=noise, generator=generator, clip_x0=clip_x0, known=known, project_x0=project_x0,
+        device=device, cond=cond,
+    )  # fmt: skip

@@ -253,6 +253,24 @@ def test_clip_x0_bounds_the_prediction():
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_project_x0_reshapes_every_prediction_before_clipping_and_decides_the_sample(sampler):
+    diffusion = GaussianDiffusion(make_betas(Schedule.COSINE, 1000), Prediction.V).respace(10)
+    target = torch.tensor([[-0.5, 0.25, 1.75, 0.0]]).expand(3, 4)
+    seen = []
+
+    def project(x0):
+        seen.append(x0.clone())
+        return target.clone()
+
+    steps = list(getattr(diffusion, f"{sampler}_sample_progressive")(toy_model(), (3, 4), project_x0=project, clip_x0=1.0,
+                                                                        generator=torch.Generator().manual_seed(0)))  # fmt: skip
+    assert len(seen) == 10 and all(s.shape == (3, 4) for s in seen)  # called once per step with the model's x_0
+    clipped = target.clamp(-1, 1)
+    assert all(torch.equal(step.x0, clipped) for step in steps)  # what the sampler used: projected, then clipped
+    torch.testing.assert_close(steps[-1].x, clipped)  # the last step lands on the prediction
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_known_region_is_kept(sampler, shape):
     diffusion = GaussianDiffusion(make_betas(Schedule.COSINE, 1000), Prediction.EPS).respace(10)

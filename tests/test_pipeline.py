@@ -67,6 +67,21 @@ def test_output_size_stops_the_cascade_early(pipe, size):
     assert image.size == (size, size)
 
 
+def test_upsamplers_keep_the_decoders_image_unless_asked_to_sample_freely(pipe):
+    """GenerationOptions.low_res_consistency reaches every upsampler. These untrained models draw
+    noise in [-1, 1], and clipping it undoes part of the projection, so the kept error is not ~0
+    here; tests/test_upsampler.py checks the projection's exactness on a tame image."""
+    (decoded,) = text_to_image(pipe, ["a red circle"], _options(size=32))
+
+    def error(**changes) -> float:
+        (upsampled,) = text_to_image(pipe, ["a red circle"], _options(**changes))
+        down = np.asarray(upsampled.resize((32, 32), Image.BOX), dtype=np.float64)
+        return float(np.abs(down - np.asarray(decoded, dtype=np.float64)).mean())
+
+    kept, free = error(), error(low_res_consistency=False)
+    assert kept < free / 2, (kept, free)
+
+
 def test_same_seed_same_images(pipe):
     a = text_to_image(pipe, ["a red circle"], _options(size=32))
     b = text_to_image(pipe, ["a red circle"], _options(size=32))

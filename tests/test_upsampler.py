@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dalle2.config import Degradation, Schedule, UpsamplerConfig, from_dict, read_preset_file
-from dalle2.upsampler import Upsampler, degrade, downsample, gaussian_blur, jpeg_compress, random_crop_pair
+from dalle2.pipeline import StageOptions, upsample
+from dalle2.upsampler import Upsampler, degrade, downsample, gaussian_blur, jpeg_compress, low_res_projection, random_crop_pair
 
 PRESETS = ("tiny", "small", "base", "paper")
 PAPER_PARAMETERS = {"upsampler_256": 700e6, "upsampler_1024": 300e6}  # DALL-E 2, Table 3
@@ -135,3 +137,35 @@ def test_random_crops_are_aligned(scale):
         assert (windows - high_crop[i][:, None, None]).abs().amax(dim=(0, 3, 4)).min() == 0
     with pytest.raises(ValueError, match="downscaling"):
         random_crop_pair(high, torch.rand(5, 3, 24, 24), crop_fraction=0.25)
+
+
+def test_low_res_projection_moves_only_block_means_onto_the_low_res_image():
+    generator = torch.Generator().manual_seed(0)
+    low_res = torch.rand(2, 3, 8, 8, generator=generator) * 2 - 1
+    x0 = torch.rand(2, 3, 32, 32, generator=generator) * 2 - 1
+    project = low_res_projection(low_res)
+    projected = project(x0)
+
+    def detail(x):  # what is left inside each 4x4 block once its mean is taken out
+        return x - F.interpolate(downsample(x, 8), size=32, mode="nearest")
+
+    torch.testing.assert_close(downsample(projected, 8), low_res)
+    torch.testing.assert_close(detail(projected), detail(x0))
+    torch.testing.assert_close(project(projected), projected)  # an image that already agrees stays as it is
+
+
+def test_upsampling_keeps_the_colors_of_its_input_unless_asked_to_sample_freely():
+    """An untrained upsampler draws anything; with low-res consistency (the default) its output
+    still downsamples to the image it was given."""
+    upsampler = perturbed(Upsampler(preset_config("upsampler_256", "tiny")))
+    generator = torch.Generator().manual_seed(1)
+    low_res = 0.6 * F.interpolate(torch.rand(2, 3, 4, 4, generator=generator) * 2 - 1, size=32, mode="bilinear", align_corners=False)
+
+    def error(**kwargs):
+        images = upsample([upsampler], low_res, 64, StageOptions(steps=6), torch.Generator().manual_seed(2), **kwargs)
+        assert images.shape == (2, 3, 64, 64) and float(images.abs().max()) <= 1.0
+        return float((downsample(images, 32) - low_res).abs().mean())
+
+    kept, free = error(), error(low_res_consistency=False)
+    # not 0: clipping x_0 to [-1, 1] after the projection cuts this untrained model's wild detail
+    assert kept < 0.03 and free > 0.2, (kept, free)

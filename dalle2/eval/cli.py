@@ -1,7 +1,7 @@
 """``dalle2 eval``: score a cascade of bundles on a dataset's held-out rows (see :mod:`.run`).
 
     dalle2 eval --bundles DIR --data URI [--out DIR] [--count N] [--steps N|prior=N,decoder=N,upsampler=N]
-                [--seed S] [--validation-fraction F] [--decode-from prior|image] [--json]
+                [--seed S] [--validation-fraction F] [--decode-from prior|image] [--free-upsampling] [--json]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         bundles=args.bundles, data=args.data, out=args.out, count=args.count, steps=Steps.parse(args.steps),
         seed=args.seed, validation_fraction=args.validation_fraction, split=args.split, prior_guidance=args.prior_guidance,
         decoder_guidance=args.decoder_guidance, batch_size=args.batch_size, device=args.device,
-        decode_from=args.decode_from,
+        decode_from=args.decode_from, low_res_consistency=not args.free_upsampling,
     )  # fmt: skip
     progress = None if args.quiet else (lambda message: print(f"  {message}", file=sys.stderr, flush=True))
     report = run_eval(settings, progress)
@@ -48,6 +48,10 @@ def add_eval_commands(commands: argparse._SubParsersAction) -> None:
         "embeddings, to tell a prior that loses an attribute from a decoder that cannot draw it",
     )
     parser.add_argument("--decoder-guidance", type=float, default=3.0)
+    parser.add_argument(
+        "--free-upsampling", action="store_true",
+        help="score the upsamplers' free samples (default: their output downsamples exactly to the decoder's image, as dalle2 generate)",
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=32, help="rows per model call (default 32)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", action="store_true", help="print the whole report as JSON instead of the summary")

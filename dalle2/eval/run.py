@@ -103,6 +103,7 @@ class EvalSettings:
     # image, what users get) or "image" (the held-out images' own CLIP embeddings). Scoring both
     # tells a prior that loses an attribute from a decoder that cannot draw it.
     decode_from: str = "prior"
+    low_res_consistency: bool = True  # the pipeline's default (dalle2.pipeline.upsample)
 
     def __post_init__(self) -> None:
         if self.count < 2 or self.batch_size < 1:
@@ -245,7 +246,8 @@ def _generate(pipe: UnCLIP, rows: HeldOut, embeds: torch.Tensor, settings: EvalS
     images = []
     for part in _batches(len(rows), settings.batch_size):
         decoded = decode(pipe.decoder, embeds[part].to(pipe.device), rows.tokens[part].to(pipe.device), decoder_options, generator)
-        images.append(upsample(pipe.upsamplers, decoded, pipe.sizes[-1], upsampler_options, generator).float().cpu())
+        upsampled = upsample(pipe.upsamplers, decoded, pipe.sizes[-1], upsampler_options, generator, low_res_consistency=settings.low_res_consistency)
+        images.append(upsampled.float().cpu())
         progress(f"generated {part.stop}/{len(rows)} images")
     return torch.cat(images)
 
