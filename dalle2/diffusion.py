@@ -105,6 +105,10 @@ class GaussianDiffusion:
         self.posterior_log_variance_clipped = clipped.log()
         self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1 - self.alphas_cumprod_prev) * (1 - betas).sqrt() / (1 - self.alphas_cumprod)
+        self.one_minus_alphas_cumprod = 1 - self.alphas_cumprod
+        self.loss_weight_table = self._min_snr_weights()  # [T] float32, see loss_weights
+        # Each table's copy on each device it was asked for: moved once, not at every step.
+        self._device_tables: dict[tuple[int, torch.device], Tensor] = {}
 
     @classmethod
     def from_config(cls, config: DiffusionConfig) -> "GaussianDiffusion":
@@ -128,22 +132,32 @@ class GaussianDiffusion:
 
     # -- helpers -----------------------------------------------------------------------------
 
-    @staticmethod
-    def _at(table: Tensor, t: Tensor, x: Tensor) -> Tensor:
+    def __getstate__(self) -> dict:
+        # The cache is keyed by the tables' ids, which do not survive pickling (Ray ships processes).
+        return {**self.__dict__, "_device_tables": {}}
+
+    def _on(self, table: Tensor, device: torch.device) -> Tensor:
+        """One of this process's tables on ``device``, copied there once (tables never change)."""
+        key = (id(table), torch.device(device))
+        if key not in self._device_tables:
+            self._device_tables[key] = table.to(device)
+        return self._device_tables[key]
+
+    def _at(self, table: Tensor, t: Tensor, x: Tensor) -> Tensor:
         """table[t] in x's dtype and device, shaped [N, 1, ...] to broadcast against x."""
-        values = table.to(x.device)[t.to(x.device)]
+        values = self._on(table, x.device)[t.to(x.device)]
         return values.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
     def model_timesteps(self, t: Tensor) -> Tensor:
         """Original-process timesteps [N] for indices t [N] of this process: what the network sees."""
-        return self.timestep_map.to(t.device)[t]
+        return self._on(self.timestep_map, t.device)[t]
 
     # -- the forward process -----------------------------------------------------------------
 
     def q_mean_variance(self, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, variance and log variance of q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) (DDPM eq. 4)."""
         mean = self._at(self.sqrt_alphas_cumprod, t, x0) * x0
-        variance = self._at(1 - self.alphas_cumprod, t, x0).expand_as(x0)
+        variance = self._at(self.one_minus_alphas_cumprod, t, x0).expand_as(x0)
         log_variance = self._at(self.log_one_minus_alphas_cumprod, t, x0).expand_as(x0)
         return mean, variance, log_variance
 
@@ -207,7 +221,13 @@ class GaussianDiffusion:
         """
         if not self.min_snr_gamma:
             return torch.ones(t.shape, dtype=torch.float32, device=t.device)
-        snr = (self.alphas_cumprod / (1 - self.alphas_cumprod)).to(t.device)[t]
+        return self._on(self.loss_weight_table, t.device)[t]
+
+    def _min_snr_weights(self) -> Tensor:
+        """[T] float32: :meth:`loss_weights` of every timestep (all 1 without ``min_snr_gamma``)."""
+        if not self.min_snr_gamma:
+            return torch.ones(self.num_timesteps, dtype=torch.float32)
+        snr = self.alphas_cumprod / (1 - self.alphas_cumprod)
         plain = {Prediction.EPS: snr, Prediction.V: 1 + snr, Prediction.X0: torch.ones_like(snr)}[self.prediction]
         # (a process whose last beta is 1 has SNR 0 there: 0 / 0 would be NaN for eps)
         return (snr.clamp(max=self.min_snr_gamma) / plain.clamp_min(1e-300)).clamp(min=self.min_loss_weight).float()

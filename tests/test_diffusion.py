@@ -153,6 +153,26 @@ def test_min_snr_weighs_each_timesteps_x0_error_by_min_snr_gamma(prediction):
         GaussianDiffusion(betas, prediction, min_snr_gamma=-1.0)
 
 
+def test_a_process_moves_its_tables_to_a_device_once_and_survives_pickling():
+    """Training and sampling index the schedule at every step: each table goes to the sample's
+    device once. Ray ships processes by pickling; the copy computes the same values."""
+    import pickle
+
+    diffusion = GaussianDiffusion(make_betas(Schedule.COSINE, 100), Prediction.V, min_snr_gamma=5.0, min_loss_weight=0.05)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(4, 3, 2, 2, generator=g), torch.randn(4, 3, 2, 2, generator=g)
+    t = torch.tensor([0, 10, 50, 99])
+    meta = torch.device("meta")  # a device other than the tables' own, with no memory behind it
+    first = diffusion._on(diffusion.sqrt_alphas_cumprod, meta)
+    assert first.device == meta and diffusion._on(diffusion.sqrt_alphas_cumprod, meta) is first
+    assert diffusion.q_sample(x0.to(meta), t.to(meta), noise.to(meta)).device == meta
+    copy = pickle.loads(pickle.dumps(diffusion))
+    torch.testing.assert_close(copy.q_sample(x0, t, noise), diffusion.q_sample(x0, t, noise), rtol=0, atol=0)
+    torch.testing.assert_close(copy.loss_weights(t), diffusion.loss_weights(t), rtol=0, atol=0)
+    torch.testing.assert_close(copy.model_timesteps(t), t)
+    assert copy.loss_weights(t).dtype == torch.float32 and float(copy.loss_weights(t)[-1]) == pytest.approx(0.05)
+
+
 # -- respacing ---------------------------------------------------------------------------------
 
 
