@@ -214,8 +214,8 @@ def preprocessed_rows(
     """The rows of ``split`` decoded and tokenized (see :mod:`.preprocess`), lazily.
     ``filesystem`` and ``files`` come from :func:`check_dataset`; drops go to ``dropped``;
     ``carry`` names extra columns passed through (``preprocess_batch``'s argument)."""
-    # Column pruning: the reader fetches only these columns from storage, so label columns
-    # and other extras cost nothing. One read task per file, and the decode runs in the same
+    # Column pruning: Ray pushes the selection into the reader, which fetches only these
+    # columns from storage, so label columns and other extras cost nothing. One read task per file, and the decode runs in the same
     # task (Ray fuses the two when the map takes whole blocks and both have the same task
     # cap): no extra hop through the object store, and at most `tasks` worker processes.
     tasks = preprocess_concurrency(config)
@@ -223,11 +223,10 @@ def preprocessed_rows(
         rows = ray.data.read_parquet(
             files,
             filesystem=filesystem,
-            columns=_columns(carry),
             num_cpus=config.cpus_per_task,
             override_num_blocks=len(files),
             concurrency=tasks,
-        )
+        ).select_columns(_columns(carry))
     options = dict(
         dropped=dropped,
         rows_per_call=config.batch_size,

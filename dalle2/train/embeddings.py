@@ -57,7 +57,7 @@ def build_prior_datasets(path: str, validation_fraction: float, cpus_per_task: f
     from dalle2.data.pipeline import check_dataset
 
     filesystem, files = check_dataset(path, PRIOR_COLUMNS)
-    rows = ray.data.read_parquet(files, filesystem=filesystem, columns=list(PRIOR_COLUMNS), num_cpus=cpus_per_task)
+    rows = ray.data.read_parquet(files, filesystem=filesystem, num_cpus=cpus_per_task).select_columns(list(PRIOR_COLUMNS))
 
     def split(name: Split):
         return rows.map_batches(
