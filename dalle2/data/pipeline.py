@@ -215,9 +215,10 @@ def preprocessed_rows(
     ``filesystem`` and ``files`` come from :func:`check_dataset`; drops go to ``dropped``;
     ``carry`` names extra columns passed through (``preprocess_batch``'s argument)."""
     # Column pruning: Ray pushes the selection into the reader, which fetches only these
-    # columns from storage, so label columns and other extras cost nothing. One read task per file, and the decode runs in the same
-    # task (Ray fuses the two when the map takes whole blocks and both have the same task
-    # cap): no extra hop through the object store, and at most `tasks` worker processes.
+    # columns from storage, so label columns and other extras cost nothing. One read task per
+    # file, and the decode runs in the same task (Ray fuses the two when the map takes whole
+    # blocks and both have the same task cap): no extra hop through the object store, and at
+    # most `tasks` worker processes.
     tasks = preprocess_concurrency(config)
     with _pipeline_context():
         rows = ray.data.read_parquet(
