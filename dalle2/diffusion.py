@@ -219,8 +219,6 @@ class GaussianDiffusion:
         For v and x_0 that also shrinks the noisiest timesteps toward 0, and those place the
         objects; ``min_loss_weight`` keeps a floor under them.
         """
-        if not self.min_snr_gamma:
-            return torch.ones(t.shape, dtype=torch.float32, device=t.device)
         return self._on(self.loss_weight_table, t.device)[t]
 
     def _min_snr_weights(self) -> Tensor:
