@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dalle2.config import ClipConfig
+from dalle2.text_encoder import caption_mask
 
 # open_clip's normalisation constants (OpenAI CLIP's training-set statistics).
 IMAGE_MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
@@ -72,7 +73,7 @@ def tokenize(captions: list[str], context_length: int) -> torch.Tensor:
 class TextEncoding:
     embed: torch.Tensor  # [N, D] pooled, projected text embedding (not normalised)
     hidden: torch.Tensor  # [N, L, W] per-token hidden states after the final layer norm
-    mask: torch.Tensor  # [N, L] bool, True where a real token is
+    mask: torch.Tensor  # [N, L] bool, True where a real token is (caption_mask: through end-of-text)
 
 
 class _DropNotice(logging.Filter):
@@ -124,7 +125,7 @@ class Clip(nn.Module):
             embed = self.model.encode_text(tokens)
         finally:
             hook.remove()
-        return TextEncoding(embed=embed, hidden=captured[-1], mask=tokens != 0)
+        return TextEncoding(embed=embed, hidden=captured[-1], mask=caption_mask(tokens))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """images: [N, 3, H, W] in [-1, 1], any size -> [N, D] image embedding (not normalised)."""

@@ -8,8 +8,12 @@ References: Ho et al. 2020 (DDPM), Nichol & Dhariwal 2021 (improved DDPM: cosine
 respacing), Song et al. 2020 (DDIM), Salimans & Ho 2022 (v-prediction), Ho & Salimans 2022
 (classifier-free guidance), Lugmayr et al. 2022 (RePaint inpainting).
 
-Schedule quantities are kept in float64 and cast to the sample's dtype where they are used, so
-the same process serves fp32 on CPU and bf16 on GPU.
+Mixed precision touches the network only (as improved-diffusion's fp16_util and diffusers'
+training scripts): schedule quantities are kept in float64 and used in float32 (float64 for a
+float64 sample), so x_t, the noise, the target and the loss are float32 also when the network runs
+in bf16. Near t = 0 sqrt(abar_t) is within bf16's spacing (about 0.004) of 1 and sigma_t is about
+that size: in bf16 the least noisy targets would be partly unlearnable. The network's input is
+cast to its own dtype at the call (``input_dtype``).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from torch import Tensor
 from dalle2.config import DiffusionConfig, Prediction, Schedule
 from dalle2.sampling import SampleStep, ddim_sample_progressive, ddpm_sample_progressive, gaussian_noise
 
-__all__ = ["ClassifierFreeGuidance", "GaussianDiffusion", "SampleStep", "even_timesteps", "make_betas"]
+__all__ = ["ClassifierFreeGuidance", "GaussianDiffusion", "SampleStep", "even_timesteps", "make_betas", "process_dtype"]
 
 COSINE_OFFSET = 0.008  # s in Nichol & Dhariwal 2021 eq. 17: keeps beta_0 from being vanishingly small
 MAX_BETA = 0.999  # Nichol & Dhariwal 2021: clip betas to avoid a singularity at t = T
@@ -49,6 +53,12 @@ def make_betas(schedule: Schedule, timesteps: int) -> Tensor:
         alphas_cumprod = f / f[0]
         return (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(max=MAX_BETA)
     raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def process_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the forward process and the samplers compute in for a tensor like ``x``: float32,
+    or float64 when x is float64 (tests' golden values). Never bf16/fp16: see the module docstring."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def even_timesteps(num_timesteps: int, steps: int) -> Tensor:
@@ -100,8 +110,10 @@ class GaussianDiffusion:
         self.sqrt_recipm1_alphas_cumprod = (1 / self.alphas_cumprod - 1).sqrt()
         # DDPM eq. 7: beta_tilde_t and the two coefficients of the posterior mean.
         self.posterior_variance = betas * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
-        # beta_tilde_0 = 0: clip the log at t=0 to beta_tilde_1 (as improved-diffusion does).
-        clipped = torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]])
+        # beta_tilde_0 = 0: clip the log at t=0 to beta_tilde_1 (as improved-diffusion does). A
+        # one-step process has no beta_tilde_1; its only step adds no noise, so beta_0 stands in.
+        first = self.posterior_variance[1:2] if self.num_timesteps > 1 else betas[:1]
+        clipped = torch.cat([first, self.posterior_variance[1:]])
         self.posterior_log_variance_clipped = clipped.log()
         self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1 - self.alphas_cumprod_prev) * (1 - betas).sqrt() / (1 - self.alphas_cumprod)
@@ -144,9 +156,10 @@ class GaussianDiffusion:
         return self._device_tables[key]
 
     def _at(self, table: Tensor, t: Tensor, x: Tensor) -> Tensor:
-        """table[t] in x's dtype and device, shaped [N, 1, ...] to broadcast against x."""
+        """table[t] on x's device in float32 (float64 for a float64 x), shaped [N, 1, ...] to
+        broadcast against x: a bf16 x is promoted, never the coefficients rounded to bf16."""
         values = self._on(table, x.device)[t.to(x.device)]
-        return values.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        return values.to(process_dtype(x)).reshape(-1, *([1] * (x.ndim - 1)))
 
     def model_timesteps(self, t: Tensor) -> Tensor:
         """Original-process timesteps [N] for indices t [N] of this process: what the network sees."""
@@ -238,24 +251,28 @@ class GaussianDiffusion:
         t: Optional[Tensor] = None,
         noise: Optional[Tensor] = None,
         generator: Optional[torch.Generator] = None,
+        input_dtype: Optional[torch.dtype] = None,
         **cond,
     ) -> Tensor:
         """Per-sample MSE [N] between the network output and its target (DDPM Algorithm 1, L_simple),
         times :meth:`loss_weights` (all 1 unless the process has a ``min_snr_gamma``).
 
-        t is drawn uniformly from 0..T-1 when not given; the mean over non-batch dims is taken
-        in float32 so bf16 outputs do not lose the loss's precision.
+        t is drawn uniformly from 0..T-1 when not given. x0 is promoted to float32 (see
+        :func:`process_dtype`); x_t, the noise, the target and the loss stay there, and only the
+        network's input is cast, to ``input_dtype`` (the network's own dtype, e.g. bf16 under
+        DeepSpeed; None = x_t's). The conditions in ``cond`` go to the network as given.
         """
+        x0 = x0.to(process_dtype(x0))
         n = x0.shape[0]
         if t is None:
             source = generator.device if generator is not None else x0.device
             t = torch.randint(0, self.num_timesteps, (n,), generator=generator, device=source).to(x0.device)
         if noise is None:
             noise = gaussian_noise(x0.shape, generator, x0.device, x0.dtype)
-        x_t = self.q_sample(x0, t, noise)
-        output = model(x_t, self.model_timesteps(t), **cond)
-        target = self.training_target(x0, x_t, t, noise)
-        return (output.float() - target.float()).pow(2).reshape(n, -1).mean(dim=1) * self.loss_weights(t)
+        x_t = self.q_sample(x0, t, noise.to(x0.dtype))
+        output = model(x_t.to(input_dtype or x_t.dtype), self.model_timesteps(t), **cond)
+        target = self.training_target(x0, x_t, t, noise.to(x0.dtype))
+        return (output.to(target.dtype) - target).pow(2).reshape(n, -1).mean(dim=1) * self.loss_weights(t).to(target.dtype)
 
     # -- sampling (the loops live in dalle2/sampling.py; these are the same functions as methods) --
 

@@ -136,7 +136,7 @@ class DiffusionPrior(nn.Module):
             getattr(self, name).copy_(stats[name])
 
     def normalize(self, image_embed: torch.Tensor) -> torch.Tensor:
-        return (image_embed - self.image_mean) / self.image_std
+        return (image_embed - self.image_mean) / self.image_std  # float32 stats: a float32 result
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.image_std + self.image_mean
@@ -156,8 +156,9 @@ class DiffusionPrior(nn.Module):
         drop_text = torch.rand(n, generator=generator, device=source).to(image_embed.device) < self.config.text_drop_prob
         losses = self.diffusion.training_loss(
             self.net,
-            self.normalize(image_embed),
+            self.normalize(image_embed.float()),  # the x0 target in float32, whatever the network's dtype
             generator=generator,
+            input_dtype=next(self.net.parameters()).dtype,
             text_embed=text_embed,
             text_hidden=text_hidden,
             text_mask=text_mask,

@@ -77,7 +77,7 @@ def _progressive(
         noise = gaussian_noise(shape, generator, device, torch.float32)
     elif tuple(noise.shape) != tuple(shape):
         raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
-    x = noise
+    x = noise.to(torch.float64 if noise.dtype == torch.float64 else torch.float32)  # the process's dtype, whatever the network's
     if known is not None:
         known = (known[0].to(x.device, x.dtype), known[1].to(x.device, x.dtype))
     num_steps = diffusion.num_timesteps
@@ -113,7 +113,8 @@ def ddpm_sample_progressive(
     """Ancestral sampling (DDPM Algorithm 2) with the posterior variance beta_tilde (DDPM eq. 7):
     x_{t-1} = mu_tilde(x_t, x0_hat) + sqrt(beta_tilde_t) z, and no noise at the last step.
 
-    noise: x_T (its dtype and device are the sample's); else drawn from `generator` on `device`.
+    noise: x_T (its device is the sample's; the sample is float32, float64 for float64 noise, also
+    for a bf16 network: see dalle2.diffusion); else drawn from `generator` on `device`.
     clip_x0: clamp the predicted x_0 to [-clip_x0, clip_x0] (images: 1.0; embeddings: None).
     known: (image, mask) for inpainting, see :func:`paste_known`.
     project_x0: applied to every predicted x_0 before clipping (guided-diffusion's ``denoised_fn``),

@@ -2,8 +2,9 @@
 
 The decoder does not reuse CLIP's text tower: like GLIDE it learns its own encoder, whose
 per-token outputs become context tokens for the UNet's attention layers and whose pooled output
-is added to the timestep embedding. Tokens are open_clip BPE ids [N, L] with 0 = padding; the
-pooled output is read at the last real token (open_clip's end-of-text token).
+is added to the timestep embedding. Tokens are open_clip BPE ids [N, L], 0-padded after the
+end-of-text token; the pooled output is read at the end-of-text token. Id 0 is also a real token
+("!"), so which positions are real is told by :func:`caption_mask`, not by the id.
 """
 
 from __future__ import annotations
@@ -16,13 +17,25 @@ from torch import Tensor, nn
 from dalle2.config import TextEncoderConfig
 from dalle2.layers import Block
 
-PAD_TOKEN = 0  # open_clip pads captions with 0
+
+
+def caption_mask(tokens: Tensor) -> Tensor:
+    """[N, L] bool, True from the start of each caption through its end-of-text token.
+
+    open_clip pads with id 0, but 0 is also the BPE id of "!": ``tokens != 0`` would hide every
+    "!" of a caption. The end-of-text token has the largest id of the vocabulary and ends every
+    caption (``tokenize`` keeps it when it truncates), so the first position holding the row's
+    largest id is where the caption ends. A row of only padding keeps its first position.
+    """
+    positions = torch.arange(tokens.shape[1], device=tokens.device)
+    end = tokens.argmax(dim=1)  # [N]: the first occurrence of the row's largest id
+    return positions[None, :] <= end[:, None]
 
 
 class TextEncoding(NamedTuple):
     sequence: Tensor  # [N, L, width] per-token outputs (after the final LayerNorm)
     pooled: Tensor  # [N, width] output at the last real token
-    mask: Tensor  # [N, L] bool, True = real token (padding is False)
+    mask: Tensor  # [N, L] bool, True = real token through end-of-text (caption_mask)
 
 
 class TextEncoder(nn.Module):
@@ -51,17 +64,12 @@ class TextEncoder(nn.Module):
             raise ValueError(f"{length} caption tokens exceed the text encoder's context_length {self.config.context_length}")
         if length == 0:
             raise ValueError("text_tokens has no positions; pass text_tokens=None (or drop_text) for no caption")
-        mask = tokens != PAD_TOKEN
-        # A caption of only padding would leave its queries nothing to attend to (NaN): let every
-        # caption see its first position.
-        key_mask = mask.clone()
-        key_mask[:, 0] = True
+        mask = caption_mask(tokens)  # a caption of only padding keeps its first position: never a fully masked row
+        key_mask = mask
         x = self.token_proj(self.token_embedding(tokens)) + self.positional_embedding[:length]
         for block in self.blocks:
             x = block(x, key_mask[:, None, None, :])
         x = self.final_norm(x)
-        # Last real token: open_clip ends every caption with <end_of_text> before the padding.
-        positions = torch.arange(length, device=tokens.device)
-        last = torch.where(key_mask, positions, 0).argmax(dim=1)  # [N]
+        last = tokens.argmax(dim=1)  # [N] the end-of-text token (caption_mask)
         pooled = x[torch.arange(n, device=tokens.device), last]
         return TextEncoding(sequence=x, pooled=pooled, mask=mask)

@@ -201,3 +201,59 @@ def test_tasks_refuse_to_run_without_their_clip():
     config = resolve_model_config(ModelSpec(kind="prior"))
     with pytest.raises(ValueError, match="the prior task needs a frozen CLIP"):
         make_task("prior", "prior", config)
+
+
+CLAMP_SCRIPT = r"""
+import json, math, os, sys
+import torch
+torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+sys.path.insert(0, os.environ["TESTS_DIR"])
+from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+from test_train_tasks import make
+from dalle2.train.config import load_job_config
+from dalle2.train.loop import build_engine, clamp_parameter
+
+stage, precision = int(sys.argv[1]), sys.argv[2]
+task, batch = make("clip", "clip")
+job = load_job_config("clip", overrides={"deepspeed": {"zero_stage": stage, "precision": precision}, "loop": {"batch_size": 8}})
+engine = build_engine(job, task, task.build_model(), world_size=1)
+(parameter, low, high), = task.clamped_parameters(engine.module.model)
+
+def value():  # what the optimizer steps from (the fp32 master), or the parameter itself
+    master = safe_get_full_fp32_param(parameter)
+    return float(master.flatten()[0]) if master is not None else float(parameter.flatten()[0])
+
+# Push the temperature far above its range, as a run whose gradient drives it up would.
+if safe_get_full_fp32_param(parameter) is not None:
+    safe_set_full_fp32_param(parameter, torch.full_like(safe_get_full_fp32_param(parameter), 9.0))
+else:
+    parameter.data.fill_(9.0)
+clamp_parameter(parameter, low, high)
+after_clamp = value()
+for group in engine.optimizer.param_groups:
+    group["lr"] = 0.0  # a step that changes nothing must not bring the old value back
+loss = engine(**task.inputs(batch, next(engine.module.parameters()).dtype))
+engine.backward(loss)
+engine.step()
+with torch.no_grad():
+    scale = float(engine.module.model.logit_scale.flatten()[0])  # what the next forward uses (exp)
+print(json.dumps({"after_clamp": after_clamp, "after_step": value(), "scale": scale, "high": high}))
+"""
+
+
+@pytest.mark.parametrize("stage, precision", [(0, "fp32"), (2, "bf16"), (3, "bf16")])
+def test_clip_temperature_is_clamped_after_each_step(stage, precision):
+    """open_clip keeps logit_scale in [0, ln 100] by clamping the parameter after every step; under
+    DeepSpeed the fp32 master copy the optimizer steps from must be clamped too."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0", "TESTS_DIR": os.path.dirname(__file__), "OMP_NUM_THREADS": "1"}  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", CLAMP_SCRIPT, str(stage), precision], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["high"] == pytest.approx(np.log(100))
+    assert result["after_clamp"] == pytest.approx(result["high"], rel=1e-6)
+    assert result["after_step"] == pytest.approx(result["high"], rel=1e-6)
+    assert result["scale"] == pytest.approx(100.0, rel=1e-2)  # bf16 rounding of ln 100

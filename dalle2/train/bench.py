@@ -78,7 +78,7 @@ def bench_task(job: JobConfig, device="cpu", rank: int = 0, world_size: int = 1)
     clip = create_model("clip", job.model.preset) if job.needs_clip else None
     config = resolve_model_config(job.model, None if clip is None else clip.config)
     task = make_task(job.job, job.model_kind, config, device=device, rank=rank, world_size=world_size, clip=clip)
-    size, context = data_resolution(job.model_kind, config, None if clip is None else clip.config)
+    size, context = data_resolution(job.model_kind, config, None if clip is None else clip.config, clip_sees_images=clip is not None)
     table = shapes_table(0, job.loop.batch_size, image_size=size)
     rows = {name: np.array(table[name].to_pylist(), dtype=object) for name in ("key", "caption", "image")}
     batch, _ = preprocess_batch(rows, image_size=size, context_length=context)

@@ -122,7 +122,7 @@ def check_job(job: JobConfig) -> CheckedJob:
         check_rows(job.data.path, EMBEDDING_COLUMNS[job.job])
     else:
         check_rows(job.data.path, TRAINING_COLUMNS)
-    image_size, context_length = data_resolution(job.model_kind, model_config, clip_config)
+    image_size, context_length = data_resolution(job.model_kind, model_config, clip_config, clip_sees_images=job.loads_clip)
     return CheckedJob(job, model_config, clip_config, image_size, context_length)
 
 

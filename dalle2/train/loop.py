@@ -107,6 +107,20 @@ def promote_scalar_parameters(module: nn.Module) -> list[str]:
     return promoted
 
 
+@torch.no_grad()
+def clamp_parameter(parameter: nn.Parameter, low: float, high: float) -> None:
+    """Clamp a parameter in place, and the float32 master copy that DeepSpeed's optimizer steps
+    from under bf16/fp16 or ZeRO 1-3, so that the next step does not undo it. Under ZeRO-3 the
+    rank clamps its own partition; collective there (every rank calls it)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    master = safe_get_full_fp32_param(parameter)  # None when the parameter is its own master (fp32, ZeRO-0)
+    if master is not None:
+        safe_set_full_fp32_param(parameter, master.clamp(low, high))
+    partition = getattr(parameter, "ds_tensor", None)
+    (parameter if partition is None else partition).data.clamp_(low, high)
+
+
 def _all_reduce(values: list[float], device) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -124,6 +138,7 @@ class Worker:
         self.dtype = next(engine.module.parameters()).dtype
         self.device = task.device
         self.global_batch = global_batch_size(job.loop.batch_size, world_size, job.deepspeed)
+        self.clamps = task.clamped_parameters(self.model)
 
     @property
     def model(self) -> nn.Module:
@@ -140,6 +155,8 @@ class Worker:
             self.engine.backward(loss)
             self.engine.step()
             total += loss.detach().float().item()
+        for parameter, low, high in self.clamps:
+            clamp_parameter(parameter, low, high)
         self.state.step += 1
         self.state.samples += self.global_batch
         if self.ema is not None:

@@ -20,6 +20,7 @@ module's forward, where ZeRO gathers it. The model itself (what a bundle holds) 
 from __future__ import annotations
 
 import abc
+import math
 from typing import Any, Iterable, Optional
 
 import numpy as np
@@ -29,6 +30,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from dalle2.clip import tokenize
+from dalle2.text_encoder import caption_mask
 from dalle2.clip_loss import ContrastiveLoss
 from dalle2.data.preprocess import to_model_images
 from dalle2.diffusion import ClassifierFreeGuidance, GaussianDiffusion
@@ -53,21 +55,37 @@ def _tokens(batch: Batch, context_length: int, device) -> Tensor:
     return tokens.to(device)
 
 
+def resize_images(images: Tensor, size: int) -> Tensor:
+    """[B, 3, S, S] in [-1, 1] -> [B, 3, size, size]: antialiased bicubic (as the pipeline's PIL
+    resize), clamped back into range; unchanged when already that size."""
+    if images.shape[-1] == size:
+        return images
+    resized = torch.nn.functional.interpolate(images, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return resized.clamp(-1, 1)
+
+
 def _all_reduce_sum(tensor: Tensor) -> Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor)
     return tensor
 
 
-def data_resolution(kind: str, model_config: Any, clip_config: Any = None) -> tuple[int, int]:
+def data_resolution(kind: str, model_config: Any, clip_config: Any = None, *, clip_sees_images: bool = False) -> tuple[int, int]:
     """(image size, caption tokens) the data pipeline delivers for a model of ``kind``: CLIP's
     own for CLIP and the prior (whose CLIP sees the images), the decoder's or upsampler's target
-    size for those; captions always at CLIP's context length (the decoder re-tokenizes for its own)."""
+    size for those; captions always at CLIP's context length (the decoder re-tokenizes for its own).
+
+    A decoder whose frozen CLIP runs in the step (``clip_sees_images``) gets the larger of its
+    own size and CLIP's: CLIP must embed the image as `dalle2 data embed`, the prior and
+    ``variations`` do, from the full-resolution source, not from a 64px image blown up to 224
+    (DecoderTask downsamples its own copy for x0)."""
     if kind == "clip":
         return model_config.image_size, model_config.context_length
     context_length = clip_config.context_length if clip_config is not None else DEFAULT_CONTEXT_LENGTH
     if kind == "prior":
         return clip_config.image_size, context_length
+    if kind == "decoder" and clip_sees_images and clip_config is not None:
+        return max(model_config.image_size, clip_config.image_size), context_length
     return model_config.image_size, context_length
 
 
@@ -82,22 +100,26 @@ class ContrastiveClipLoss(nn.Module):
 
     def forward(self, images: Tensor, tokens: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         image_features, text_features = self.model(images, tokens)  # [N, D] each, L2-normalised
-        return self.contrastive(image_features, text_features, self.model.logit_scale.clamp(max=MAX_LOGIT_SCALE))
+        # No clamp here: ClipTask.clamped_parameters keeps the parameter itself in range after every
+        # step, as open_clip does; a clamp in the forward would zero its gradient and strand it above.
+        return self.contrastive(image_features, text_features, self.model.logit_scale)
 
 
 class PriorLoss(nn.Module):
-    def __init__(self, model: nn.Module):
+    """The prior's loss with its embedding normalisation in float32 (the x0 target is the
+    normalised embedding: in bf16 it would be quantised to 3 significant digits)."""
+
+    def __init__(self, model: nn.Module, stats: dict[str, Tensor]):
         super().__init__()
         self.model = model
+        # Plain attributes, not buffers: an engine that casts the module to bf16 leaves them alone.
+        self.stats = {name: value.detach().float().clone() for name, value in stats.items()}
 
     def forward(self, image_embed, text_embed, text_hidden, text_mask, generator=None) -> Tensor:
-        # DeepSpeed keeps buffers in float32 under bf16/fp16, and the prior's normalisation would
-        # then promote x0 to float32 ahead of a bf16 network: keep its statistics in the inputs'
-        # dtype (PriorTask.extra_state saves the float32 originals).
-        for name in ("image_mean", "image_std"):
+        for name, value in self.stats.items():
             buffer = getattr(self.model, name)
-            if buffer.dtype != image_embed.dtype:
-                buffer.data = buffer.data.to(image_embed.dtype)
+            if buffer.dtype != torch.float32 or buffer.device != image_embed.device:
+                buffer.data = value.to(image_embed.device)
         return self.model.loss(image_embed, text_embed, text_hidden, text_mask, generator=generator)
 
 
@@ -110,9 +132,11 @@ class DiffusionLoss(nn.Module):
         self.diffusion = diffusion
 
     def forward(self, x0: Tensor, generator: Optional[torch.Generator] = None, **cond) -> Tensor:
+        """x0 in float32 (the forward process stays there); the network gets x_t in its own dtype."""
         if hasattr(self.model, "random_drop_masks"):  # the decoder: guidance drops (10% / 50%)
             cond["drop_image_embed"], cond["drop_text"] = self.model.random_drop_masks(x0.shape[0], generator)
-        return self.diffusion.training_loss(self.model, x0, generator=generator, **cond).mean()
+        input_dtype = next(self.model.parameters()).dtype
+        return self.diffusion.training_loss(self.model, x0, generator=generator, input_dtype=input_dtype, **cond).mean()
 
 
 # ------------------------------------------------------------------------------- tasks
@@ -138,12 +162,16 @@ class Task(abc.ABC):
     @property
     def image_size(self) -> int:
         """The resolution the data pipeline delivers."""
-        return data_resolution(self.kind, self.config, None if self.clip is None else self.clip.config)[0]
+        return self._resolution()[0]
 
     @property
     def context_length(self) -> int:
         """Caption tokens the data pipeline delivers."""
-        return data_resolution(self.kind, self.config, None if self.clip is None else self.clip.config)[1]
+        return self._resolution()[1]
+
+    def _resolution(self) -> tuple[int, int]:
+        clip_config = None if self.clip is None else self.clip.config
+        return data_resolution(self.kind, self.config, clip_config, clip_sees_images=self.clip is not None)
 
     @abc.abstractmethod
     def inputs(self, batch: Batch, dtype: torch.dtype = torch.float32, generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
@@ -156,6 +184,10 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def loss_module(self, model: nn.Module) -> nn.Module:
         """``model`` wrapped so that ``forward(**inputs, generator=None)`` returns the scalar loss."""
+
+    def clamped_parameters(self, model: nn.Module) -> list[tuple[nn.Parameter, float, float]]:
+        """(parameter, low, high): ranges the training loop restores after every optimizer step."""
+        return []
 
     def external_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         """Parameters the loss uses outside the forward of the module that owns them. ZeRO-3
@@ -190,6 +222,12 @@ class ClipTask(Task):
     def loss_module(self, model):
         return ContrastiveClipLoss(model, self.rank, self.world_size)
 
+    def clamped_parameters(self, model):
+        # CLIP's learned temperature: logit_scale = ln(1 / T) in [0, ln 100] (Radford et al. 2021,
+        # sec. 2.5: "clipped to prevent scaling the logits by more than 100"; open_clip clamps it
+        # after each step).
+        return [(model.model.logit_scale, 0.0, math.log(MAX_LOGIT_SCALE))]
+
     def external_parameters(self, model):
         # open_clip's CLIP holds positional_embedding, text_projection and logit_scale itself but
         # its forward is not called (encode_image/encode_text are): the loss module uses them.
@@ -206,7 +244,7 @@ class PriorTask(Task):
         if "image_embed" in batch:  # computed beforehand by `dalle2 data embed`
             tokens = torch.from_numpy(np.array(batch["tokens"])).to(self.device)
             embeds = {name: torch.from_numpy(np.array(batch[name])).to(self.device).float() for name in ("image_embed", "text_embed", "text_hidden")}
-            return {**embeds, "text_mask": tokens != 0}
+            return {**embeds, "text_mask": caption_mask(tokens)}
         if self.clip is None:
             raise ValueError("a batch of images, but the prior task was built for precomputed embeddings (no CLIP)")
         text = self.clip.encode_text(_tokens(batch, self.context_length, self.device))
@@ -214,10 +252,12 @@ class PriorTask(Task):
         return {"image_embed": image_embed, "text_embed": text.embed, "text_hidden": text.hidden, "text_mask": text.mask}
 
     def inputs(self, batch, dtype=torch.float32, generator=None):
-        return {k: v.to(dtype) if v.is_floating_point() else v for k, v in self._encode(batch).items()}
+        """The text conditions in ``dtype``; the image embedding (the target) in float32."""
+        encoded = self._encode(batch)
+        return {k: v.to(dtype) if v.is_floating_point() and k != "image_embed" else v for k, v in encoded.items()}
 
     def loss_module(self, model):
-        return PriorLoss(model)
+        return PriorLoss(model, self.extra_state(model))
 
     @torch.no_grad()
     def prepare(self, model, batches):
@@ -263,7 +303,10 @@ class DecoderTask(Task):
     accepts_embeddings = True
 
     def inputs(self, batch, dtype=torch.float32, generator=None):
-        images = _images(batch, self.device, torch.float32)  # [B, 3, S, S]
+        """x0 [B, 3, S, S] in float32 at the decoder's size (the forward process stays in float32);
+        the conditions in ``dtype``. On the live path the images arrive at CLIP's size when that
+        is larger (:func:`data_resolution`): CLIP embeds them as they are, x0 is a downsampled copy."""
+        images = _images(batch, self.device, torch.float32)  # [B, 3, S', S']
         if "image_embed" in batch:
             # Computed beforehand by `dalle2 data embed` from the same (never flipped) image.
             image_embed = torch.from_numpy(np.array(batch["image_embed"])).to(self.device)  # [B, D]
@@ -273,7 +316,7 @@ class DecoderTask(Task):
             with torch.no_grad():
                 image_embed = self.clip.encode_image(images)  # [B, D]; resized to CLIP's input inside
         return {
-            "x0": images.to(dtype),
+            "x0": resize_images(images, self.config.image_size),
             "image_embed": image_embed.to(dtype),
             "text_tokens": _tokens(batch, self.config.text.context_length, self.device),
         }
@@ -304,7 +347,7 @@ class UpsamplerTask(Task):
         high_res = _images(batch, self.device, torch.float32)  # [B, 3, H, W]
         low_res = degrade(downsample(high_res, self.config.low_res), self.config.degradation, generator)
         high_crop, low_crop = random_crop_pair(high_res, low_res, self.config.crop_fraction, generator)
-        return {"x0": high_crop.to(dtype), "low_res": low_crop.to(dtype)}
+        return {"x0": high_crop, "low_res": low_crop.to(dtype)}  # x0 stays float32, as the decoder's
 
     def loss_module(self, model):
         return DiffusionLoss(model, GaussianDiffusion.from_config(self.config.diffusion))
