@@ -31,6 +31,7 @@ def _options(args: argparse.Namespace):
         decoder=StageOptions(args.decoder_steps, args.decoder_guidance),
         upsampler=StageOptions(args.upsampler_steps, 1.0),
         low_res_consistency=not args.free_upsampling,
+        precision=None if args.precision == "auto" else args.precision,
     )
 
 
@@ -93,6 +94,10 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{stage}-steps", type=int, default=None)
         parser.add_argument(f"--{stage}-guidance", type=float, default=guidance)
     parser.add_argument("--upsampler-steps", type=int, default=None)
+    parser.add_argument(
+        "--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+        help="the networks' precision (autocast; the samplers stay float32): auto = bf16 on CUDA, fp32 on CPU",
+    )  # fmt: skip
     parser.add_argument(
         "--free-upsampling", action="store_true",
         help="let the upsamplers change colors and layout (default: their output downsamples exactly to their input)",

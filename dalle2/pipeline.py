@@ -16,6 +16,8 @@ guidance's doubled batch is one forward.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -29,6 +31,7 @@ from dalle2.data.storage import list_files, relative_path
 from dalle2.decoder import Decoder
 from dalle2.diffusion import ClassifierFreeGuidance, GaussianDiffusion
 from dalle2.images import InvalidInput, edit_mask, image_to_tensor, tensor_to_images
+from dalle2.precision import Precision, inference_precision, resolve_precision
 from dalle2.prior import DiffusionPrior
 from dalle2.sampling import SampleStep
 from dalle2.upsampler import Upsampler, low_res_projection
@@ -53,6 +56,7 @@ class GenerationOptions:
     decoder: StageOptions = field(default_factory=lambda: StageOptions(guidance_scale=3.0))
     upsampler: StageOptions = field(default_factory=StageOptions)
     low_res_consistency: bool = True  # upsamplers keep the colors and layout of the image below them
+    precision: Optional[Precision] = None  # the networks' precision; None = bf16 on CUDA, fp32 on CPU (dalle2.precision)
 
 
 @dataclass
@@ -131,6 +135,10 @@ def check_options(pipe: UnCLIP, options: GenerationOptions) -> int:
             raise InvalidInput(f"{name} steps must be between 1 and 1000, got {stage.steps}", f"{name}_steps")
         if not 0 <= stage.guidance_scale <= 50:
             raise InvalidInput(f"{name} guidance scale must be between 0 and 50", f"{name}_guidance_scale")
+    if options.upsampler.guidance_scale != 1.0:
+        # DALL-E 2's upsamplers see no text and were never trained with a dropped condition
+        # (section 2.1): there is no unconditional model to guide away from.
+        raise InvalidInput("the upsamplers take no guidance (they are not text-conditioned): leave it at 1", "upsampler_guidance_scale")
     return size
 
 
@@ -144,7 +152,8 @@ def encode_prompts(clip: Clip, prompts: Sequence[str]) -> tuple[TextEncoding, to
     if not prompts or any(not p or not p.strip() for p in prompts):
         raise InvalidInput("prompt must be a non-empty string", "prompt")
     tokens = clip.tokenize(list(prompts)).to(next(clip.parameters()).device)
-    return clip.encode_text(tokens), tokens
+    text = clip.encode_text(tokens)  # float32 out also under autocast: the later stages' conditions and scores
+    return TextEncoding(text.embed.float(), text.hidden.float(), text.mask), tokens
 
 
 @torch.no_grad()
@@ -228,10 +237,31 @@ def _fit_tokens(tokens: Optional[torch.Tensor], length: int) -> Optional[torch.T
 # --- uses of the model (DALL-E 2, section 3) ----------------------------------------------
 
 
+def _networks_in_precision(use: Callable) -> Callable:
+    """Run a use of the model (its ``pipe`` and ``options`` arguments) with every network in
+    ``options.precision`` (:func:`dalle2.precision.inference_precision`); the samplers stay float32."""
+    signature = inspect.signature(use)
+
+    @functools.wraps(use)
+    def run(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        pipe, options = bound.arguments["pipe"], bound.arguments["options"]
+        try:
+            resolve_precision(options.precision, pipe.device)
+        except ValueError as error:
+            raise InvalidInput(str(error), "precision") from None
+        with inference_precision(options.precision, pipe.device):
+            return use(*args, **kwargs)
+
+    return run
+
+
 def _finish(pipe: UnCLIP, images: torch.Tensor, size: int, options: GenerationOptions, generator, progress) -> list[Image.Image]:
     return tensor_to_images(upsample(pipe.upsamplers, images, size, options.upsampler, generator, progress, options.low_res_consistency))
 
 
+@_networks_in_precision
 def text_to_image(pipe: UnCLIP, prompts: Sequence[str], options: GenerationOptions = GenerationOptions(), progress: Optional[Progress] = None) -> list[Image.Image]:
     """``options.n`` images per prompt, prompt-major order."""
     if pipe.prior is None:
@@ -251,9 +281,10 @@ def image_embeds_of(pipe: UnCLIP, images: Sequence[Image.Image]) -> torch.Tensor
     """CLIP image embeddings [N, D] of PIL images (converted to RGB, center-cropped: see dalle2.images)."""
     size = pipe.clip.config.image_size
     batch = torch.cat([image_to_tensor(image, size) for image in images]).to(pipe.device)
-    return pipe.clip.encode_image(batch)
+    return pipe.clip.encode_image(batch).float()
 
 
+@_networks_in_precision
 def variations(pipe: UnCLIP, images: Sequence[Image.Image], options: GenerationOptions = GenerationOptions(), progress: Optional[Progress] = None) -> list[Image.Image]:
     """Paper section 3.1: decode each image's CLIP embedding with fresh noise (no caption)."""
     size = check_options(pipe, options)
@@ -271,6 +302,7 @@ def slerp(a: torch.Tensor, b: torch.Tensor, weight: float) -> torch.Tensor:
     return direction * torch.lerp(a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True), weight)
 
 
+@_networks_in_precision
 def interpolations(
     pipe: UnCLIP, image_a: Image.Image, image_b: Image.Image, weights: Sequence[float] = (0, 0.25, 0.5, 0.75, 1),
     options: GenerationOptions = GenerationOptions(), progress: Optional[Progress] = None,
@@ -283,16 +315,20 @@ def interpolations(
     return _decode_shared_noise(pipe, embeds, size, options, progress)
 
 
+@_networks_in_precision
 def text_diff(
     pipe: UnCLIP, image: Image.Image, from_caption: str, to_caption: str, amounts: Sequence[float] = (0, 0.25, 0.5),
     options: GenerationOptions = GenerationOptions(), progress: Optional[Progress] = None,
 ) -> list[Image.Image]:  # fmt: skip
     """Paper section 3.3: move the image embedding toward the normalised difference of two text
-    embeddings (slerp toward z_d = norm(z_t - z_t0)) by each amount."""
+    embeddings (slerp toward z_d = norm(z_t - z_t0)) by each amount. CLIP's embeddings are
+    compared on the unit sphere, so each text embedding is normalised before the difference is
+    taken: otherwise the longer of the two would decide its direction."""
     size = check_options(pipe, options)
     (embed,) = image_embeds_of(pipe, [image])
     text, _ = encode_prompts(pipe.clip, [from_caption, to_caption])
-    difference = F.normalize(text.embed[1] - text.embed[0], dim=-1) * embed.norm()
+    unit = F.normalize(text.embed, dim=-1)
+    difference = F.normalize(unit[1] - unit[0], dim=-1) * embed.norm()
     embeds = torch.cat([slerp(embed[None], difference[None], a) for a in amounts])
     return _decode_shared_noise(pipe, embeds, size, options, progress)
 
@@ -307,6 +343,7 @@ def _decode_shared_noise(pipe: UnCLIP, embeds: torch.Tensor, size: int, options:
     return images
 
 
+@_networks_in_precision
 def edit(
     pipe: UnCLIP, image: Image.Image, mask: Image.Image, prompt: Optional[str] = None,
     options: GenerationOptions = GenerationOptions(), progress: Optional[Progress] = None,

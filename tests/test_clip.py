@@ -178,3 +178,26 @@ def test_tiny_clip_learns_retrieval_far_above_chance():
     top1 = (metrics["text_to_image_top1"] + metrics["image_to_text_top1"]) / 2
     assert top1 >= 3 * chance, metrics  # measured ~0.39 (7x chance) after 100 steps
     assert metrics["text_to_image_top5"] >= 0.6, metrics  # chance: 5/18 = 0.28
+
+
+def test_caption_mask_keeps_exclamation_marks_which_share_the_padding_id(clip):
+    """open_clip's BPE id 0 is "!" as well as padding: the mask ends at the end-of-text token."""
+    from dalle2.clip import _tokenizer
+    from dalle2.text_encoder import caption_mask
+
+    assert _tokenizer().decoder[0] == "!"  # a real token: "!" inside a word with no merge for it
+    start, end = _tokenizer().encoder["<start_of_text>"], _tokenizer().encoder["<end_of_text>"]
+    tokens = torch.zeros(2, clip.config.context_length, dtype=torch.long)
+    tokens[0, :5] = torch.tensor([start, 320, 0, 2368, end])  # "a ! cat" with the "!" as id 0
+    tokens[1, :4] = torch.tensor([start, 320, 2368, end])
+    mask = caption_mask(tokens)
+    ends = tokens.argmax(dim=1)
+    for row in range(2):
+        assert mask[row, : ends[row] + 1].all() and not mask[row, ends[row] + 1 :].any()
+    assert clip.encode_text(tokens).mask.equal(mask)
+    # The decoder's own caption encoder reads the "!" too: changing it changes the output.
+    decoder = create_model("decoder", "tiny").eval()
+    other = tokens.clone()
+    other[0, 2] = 3  # replace the "!" (id 0) by another token
+    with torch.no_grad():
+        assert not torch.allclose(decoder.text_encoder(tokens).pooled[0], decoder.text_encoder(other).pooled[0])

@@ -384,3 +384,12 @@ def test_training_loss_decreases_on_a_toy_distribution():
         optimizer.step()
     after = eval_loss()
     assert after < 0.6 * before, (before, after)  # ~0.96 -> ~0.43 here
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_one_respaced_step_samples(sampler):
+    """A single step goes from pure noise to the model's x_0 (it used to raise IndexError for DDPM)."""
+    diffusion = GaussianDiffusion(make_betas(Schedule.COSINE, 1000), Prediction.X0).respace(1)
+    target = torch.full((2, 3), 0.25)
+    result = diffusion.sample(lambda x, t: target.expand_as(x), (2, 3), sampler=sampler, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(result, target)

@@ -219,3 +219,28 @@ def test_variations_stay_close_to_their_image_in_clip_space():
     similarity = F.normalize(result_embeds, dim=-1) @ F.normalize(embeds, dim=-1).T  # [8 variations, 4 images]
     nearest = similarity.argmax(dim=1)
     assert nearest.tolist() == [0, 0, 1, 1, 2, 2, 3, 3], similarity
+
+
+def test_upsampler_guidance_is_refused_not_ignored(pipe):
+    """DALL-E 2's upsamplers have no condition to drop: a guidance scale for them would do nothing."""
+    with pytest.raises(InvalidInput, match="upsamplers take no guidance") as error:
+        text_to_image(pipe, ["a red circle"], _options(upsampler=StageOptions(steps=2, guidance_scale=2.0)))
+    assert error.value.param == "upsampler_guidance_scale"
+
+
+def test_text_diff_normalises_each_text_embedding_before_the_difference(pipe, monkeypatch):
+    """Paper section 3.3: z_d = norm(z_t - z_t0) of unit text embeddings. Scaling one caption's
+    embedding (CLIP's norms differ by caption) must not change the direction moved toward."""
+    import dalle2.pipeline as cascade
+
+    decoded = []
+    monkeypatch.setattr(cascade, "_decode_shared_noise", lambda pipe, embeds, size, options, progress: decoded.append(embeds) or [])
+    real_encode = cascade.encode_prompts
+    image = _picture()
+    text_diff(pipe, image, "a red circle", "a blue square", amounts=(0.5,), options=_options())
+    monkeypatch.setattr(
+        cascade, "encode_prompts",
+        lambda clip, prompts: (lambda text, tokens: (type(text)(text.embed * torch.tensor([[1.0], [7.0]]), text.hidden, text.mask), tokens))(*real_encode(clip, prompts)),
+    )  # fmt: skip
+    text_diff(pipe, image, "a red circle", "a blue square", amounts=(0.5,), options=_options())
+    torch.testing.assert_close(decoded[0], decoded[1])

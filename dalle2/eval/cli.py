@@ -19,6 +19,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seed=args.seed, validation_fraction=args.validation_fraction, split=args.split, prior_guidance=args.prior_guidance,
         decoder_guidance=args.decoder_guidance, batch_size=args.batch_size, device=args.device,
         decode_from=args.decode_from, low_res_consistency=not args.free_upsampling,
+        precision=None if args.precision == "auto" else args.precision,
     )  # fmt: skip
     progress = None if args.quiet else (lambda message: print(f"  {message}", file=sys.stderr, flush=True))
     report = run_eval(settings, progress)
@@ -54,6 +55,10 @@ def add_eval_commands(commands: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=32, help="rows per model call (default 32)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+        help="the networks' precision (autocast; the samplers and metrics stay float32): auto = bf16 on CUDA, fp32 on CPU",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the whole report as JSON instead of the summary")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     parser.set_defaults(func=cmd_eval)

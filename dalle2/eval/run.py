@@ -41,6 +41,7 @@ from dalle2.data.shapes import LABEL_COLUMNS
 from dalle2.eval import metrics
 from dalle2.eval.shapes_checker import read_attributes
 from dalle2.images import png_bytes, tensor_to_images
+from dalle2.precision import inference_precision, resolve_precision
 from dalle2.pipeline import StageOptions, UnCLIP, decode, load_bundles, sample_image_embeds, upsample
 from dalle2.train.samples import image_grid, similarity_image
 
@@ -104,6 +105,7 @@ class EvalSettings:
     # tells a prior that loses an attribute from a decoder that cannot draw it.
     decode_from: str = "prior"
     low_res_consistency: bool = True  # the pipeline's default (dalle2.pipeline.upsample)
+    precision: Optional[str] = None  # the networks' precision (dalle2.precision); None = bf16 on CUDA, fp32 on CPU
 
     def __post_init__(self) -> None:
         if self.count < 2 or self.batch_size < 1:
@@ -114,6 +116,7 @@ class EvalSettings:
             raise ValueError(f"split must be validation or train, got {self.split!r}")
         if self.decode_from not in ("prior", "image"):
             raise ValueError(f"decode_from must be prior or image, got {self.decode_from!r}")
+        resolve_precision(self.precision, self.device)  # raises on an unknown name
 
 
 @dataclass
@@ -207,7 +210,8 @@ def encode_images(clip: Clip, images: torch.Tensor, batch_size: int) -> torch.Te
 def encode_texts(clip: Clip, tokens: torch.Tensor, batch_size: int) -> TextEncoding:
     device = next(clip.parameters()).device
     parts = [clip.encode_text(tokens[part].to(device)) for part in _batches(len(tokens), batch_size)]
-    return TextEncoding(*(torch.cat([getattr(p, name) for p in parts]) for name in ("embed", "hidden", "mask")))
+    embed, hidden, mask = (torch.cat([getattr(p, name) for p in parts]) for name in ("embed", "hidden", "mask"))
+    return TextEncoding(embed.float(), hidden.float(), mask)  # float32 also when CLIP ran under autocast
 
 
 def _text_rows(text: TextEncoding, part: slice, device) -> TextEncoding:
@@ -253,7 +257,13 @@ def _generate(pipe: UnCLIP, rows: HeldOut, embeds: torch.Tensor, settings: EvalS
 
 
 def run_eval(settings: EvalSettings, progress: Optional[Progress] = None) -> dict[str, Any]:
-    """Score every stage in ``settings.bundles``; writes the report and PNGs, returns the report."""
+    """Score every stage in ``settings.bundles``; writes the report and PNGs, returns the report.
+    The networks run in ``settings.precision`` (the metrics are computed in float32)."""
+    with inference_precision(settings.precision, settings.device):
+        return _run_eval(settings, progress)
+
+
+def _run_eval(settings: EvalSettings, progress: Optional[Progress]) -> dict[str, Any]:
     progress = progress or (lambda message: None)
     started = time.perf_counter()
     wall: dict[str, float] = {}
