@@ -36,6 +36,41 @@ IMAGE_CHANNELS = 3
 INPAINT_CHANNELS = 4  # masked image (3) + mask (1), as GLIDE's inpainting model
 
 
+MASK_KINDS = ("nothing_known", "boxes", "strokes")  # drawn with equal probability per training image
+
+
+def random_inpainting_masks(n: int, size: int, generator: Optional[torch.Generator] = None) -> Tensor:
+    """[N, 1, S, S] float masks for training an inpainting decoder, 1 = known pixel, 0 = to paint.
+
+    GLIDE trains its inpainting model by erasing random regions of the training images and
+    giving the model the rest with a mask channel (Nichol et al. 2021, sec. 4). Each image gets
+    one of: nothing known (the whole image erased: the model stays a plain decoder, which is also
+    what it is asked to be outside edits), 1-3 random boxes erased (what rectangular edit masks
+    look like), or 1-4 random brush strokes erased (what painted masks look like). Drawn on CPU
+    from ``generator``, so a seed gives the same masks on any device.
+    """
+    g = generator if generator is not None and generator.device.type == "cpu" else None
+    masks = torch.ones(n, 1, size, size)
+    kinds = torch.randint(0, len(MASK_KINDS), (n,), generator=g)
+    ys, xs = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    for i, kind in enumerate(kinds.tolist()):
+        if MASK_KINDS[kind] == "nothing_known":
+            masks[i] = 0
+        elif MASK_KINDS[kind] == "boxes":
+            for _ in range(int(torch.randint(1, 4, (1,), generator=g))):
+                h, w = (torch.randint(size // 8 + 1, size // 2 + 1, (2,), generator=g)).tolist()
+                top, left = int(torch.randint(0, size - h + 1, (1,), generator=g)), int(torch.randint(0, size - w + 1, (1,), generator=g))
+                masks[i, 0, top : top + h, left : left + w] = 0
+        else:  # strokes: thick segments between random points
+            for _ in range(int(torch.randint(1, 5, (1,), generator=g))):
+                (y0, x0, y1, x1), radius = (torch.rand(4, generator=g) * size).tolist(), float(size) * (0.04 + 0.08 * float(torch.rand(1, generator=g)))
+                dy, dx = y1 - y0, x1 - x0
+                along = (((ys - y0) * dy + (xs - x0) * dx) / max(dy * dy + dx * dx, 1e-6)).clamp(0, 1)
+                distance = ((ys - (y0 + along * dy)) ** 2 + (xs - (x0 + along * dx)) ** 2).sqrt()
+                masks[i, 0][distance <= radius] = 0
+    return masks
+
+
 class Decoder(nn.Module):
     """``Decoder(x_t, t, image_embed=..., text_tokens=...)`` -> [N, 3, H, W] (eps, x0 or v, per
     ``config.diffusion.prediction``; the network does not care which)."""

@@ -188,8 +188,10 @@ def decode(
     cond = {"image_embed": image_embeds, "text_tokens": _fit_tokens(text_tokens, config.text.context_length)}
     sampler_known = known
     if known is not None and config.inpainting:
-        # The decoder was trained to inpaint: it sees the known pixels as input channels.
+        # The decoder was trained to inpaint (GLIDE): it sees the known pixels as input channels and
+        # paints around them itself; RePaint's pasting is for decoders trained without them.
         cond.update(inpaint_image=known[0], inpaint_mask=known[1])
+        sampler_known = None
     model = decoder if options.guidance_scale == 1.0 else ClassifierFreeGuidance(decoder, options.guidance_scale, decoder.drop_keys)
     process = GaussianDiffusion.from_config(config.diffusion).respace(options.steps or config.diffusion.sample_steps)
     return process.sample(
@@ -352,8 +354,8 @@ def edit(
 
     With a prompt, the prior turns it into the image embedding to paint toward; without
     one, the image's own CLIP embedding is used. A decoder trained with inpainting channels
-    sees the known pixels as input; any decoder also gets them pasted in at every step
-    (RePaint, Lugmayr et al. 2022). Kept pixels are restored exactly at the output size."""
+    sees the known pixels as input channels; a decoder without them gets them pasted in at every
+    step (RePaint, Lugmayr et al. 2022). Kept pixels are restored exactly at the output size."""
     size = check_options(pipe, options)
     generator = _generator(options.seed, pipe.device)
     base = pipe.decoder.config.image_size
@@ -372,8 +374,9 @@ def edit(
     known_batch = (known.expand(n, -1, -1, -1), keep.expand(n, -1, -1, -1))
     decoded = decode(pipe.decoder, embeds, tokens, options.decoder, generator, _stage_progress(progress, "decoder"), known=known_batch)
     final = upsample(pipe.upsamplers, decoded, size, options.upsampler, generator, progress, options.low_res_consistency)
-    if final.shape[-1] != base:  # restore the kept pixels at the output resolution
-        keep_full = edit_mask(mask, image, final.shape[-1]).to(final)
-        final = keep_full * image_to_tensor(image, final.shape[-1]).to(final) + (1 - keep_full) * final
+    # Restore the kept pixels exactly at the output resolution (an inpainting decoder keeps them
+    # only approximately; RePaint's pasting keeps them at the decoder's size alone).
+    keep_full = edit_mask(mask, image, final.shape[-1]).to(final)
+    final = keep_full * image_to_tensor(image, final.shape[-1]).to(final) + (1 - keep_full) * final
     return tensor_to_images(final)
 

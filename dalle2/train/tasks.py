@@ -315,11 +315,14 @@ class DecoderTask(Task):
         else:
             with torch.no_grad():
                 image_embed = self.clip.encode_image(images)  # [B, D]; resized to CLIP's input inside
-        return {
-            "x0": resize_images(images, self.config.image_size),
-            "image_embed": image_embed.to(dtype),
-            "text_tokens": _tokens(batch, self.config.text.context_length, self.device),
-        }
+        x0 = resize_images(images, self.config.image_size)
+        inputs = {"x0": x0, "image_embed": image_embed.to(dtype), "text_tokens": _tokens(batch, self.config.text.context_length, self.device)}
+        if self.config.inpainting:  # GLIDE-style: random regions erased, the rest given with a mask channel
+            from dalle2.decoder import random_inpainting_masks
+
+            masks = random_inpainting_masks(x0.shape[0], self.config.image_size, generator).to(self.device)
+            inputs.update(inpaint_image=x0.to(dtype), inpaint_mask=masks.to(dtype))
+        return inputs
 
     def loss_module(self, model):
         return DiffusionLoss(model, GaussianDiffusion.from_config(self.config.diffusion))
@@ -329,7 +332,7 @@ class DecoderTask(Task):
         """Rows: the validation images, then the decoder's samples from their CLIP embeddings and captions."""
         dtype = next(model.parameters()).dtype
         inputs = self.inputs(batch, dtype=dtype)
-        truth = inputs["x0"]
+        truth = inputs["x0"].to(dtype)  # the grid shows plain generations: no inpainting inputs
         guided = ClassifierFreeGuidance(model, guidance_scale, type(model).drop_keys)
         process = GaussianDiffusion.from_config(self.config.diffusion).respace(self._sample_steps(steps))
         samples = process.sample(
