@@ -63,3 +63,35 @@ def test_embeds_every_row_of_a_local_dataset(ray_cluster, tmp_path, capsys):
     assert is_complete(out)  # the manifest, written last
     manifest = json.loads(storage.read_bytes(storage.join(out, MANIFEST)))
     assert manifest == {"data": data, "clip": bundle, "rows": 6, "files": report["files"], "dropped": {}, "images": True}
+
+
+def test_the_decoder_live_path_embeds_the_images_as_dalle2_data_embed_does(ray_cluster, tmp_path, capsys):
+    """A decoder smaller than its CLIP (base/paper: 64 px against 224) gets its training images
+    at CLIP's size on the live path: CLIP embeds them exactly as `dalle2 data embed` (and so the
+    prior and `variations`) does, and x0 is a downsampled copy at the decoder's size."""
+    import torch
+
+    from dalle2.data.preprocess import preprocess_batch
+    from dalle2.train.config import ModelSpec, resolve_model_config
+    from dalle2.train.tasks import make_task
+
+    torch.manual_seed(0)
+    clip = create_model("clip", "tiny").eval()  # 32 px
+    bundle = save_bundle(clip, "clip", str(tmp_path / "clip"))
+    data, out = str(tmp_path / "data"), str(tmp_path / "embeddings")
+    write_shapes_dataset(data, count=6, image_size=64, seed=5, rows_per_file=6)
+    assert main([data, out, "--clip", bundle, "--batch-size", "6", "--accelerator", "cpu", "--no-images"]) == 0
+    capsys.readouterr()
+    filesystem, path = storage.resolve(out)
+    stored = {row["key"]: row["image_embed"] for row in ray.data.read_parquet(path, filesystem=filesystem).take_all()}
+
+    config = resolve_model_config(ModelSpec(kind="decoder", preset="tiny", overrides={"image_size": 16}), clip.config)
+    task = make_task("decoder", "decoder", config, clip=clip)
+    assert task.image_size == 32  # CLIP's, not the decoder's 16
+    rows = read_dataset(data, columns=["key", "caption", "image"]).to_pylist()
+    columns = {name: np.array([row[name] for row in rows], dtype=object) for name in ("key", "caption", "image")}
+    batch, _ = preprocess_batch(columns, image_size=task.image_size, context_length=task.context_length)
+    inputs = task.inputs(batch)
+    assert inputs["x0"].shape == (6, 3, 16, 16)
+    expected = torch.from_numpy(np.stack([stored[key] for key in batch["key"]]))
+    torch.testing.assert_close(inputs["image_embed"], expected, rtol=1e-4, atol=1e-5)
