@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from dalle2.config import TextEncoderConfig
-from dalle2.layers import Block
+from dalle2.layers import Block, checkpointed
 
 PAD_TOKEN = 0  # open_clip pads captions with 0
 
@@ -33,9 +33,10 @@ class TextEncoder(nn.Module):
     dominate a tiny model.
     """
 
-    def __init__(self, config: TextEncoderConfig):
+    def __init__(self, config: TextEncoderConfig, activation_checkpointing: bool = False):
         super().__init__()
         self.config = config
+        self.activation_checkpointing = activation_checkpointing  # the decoder passes its UNet's flag
         embed_width = config.token_embed_width or config.width
         self.token_embedding = nn.Embedding(config.vocab_size, embed_width)
         self.token_proj = nn.Linear(embed_width, config.width, bias=False) if embed_width != config.width else nn.Identity()
@@ -58,7 +59,7 @@ class TextEncoder(nn.Module):
         key_mask[:, 0] = True
         x = self.token_proj(self.token_embedding(tokens)) + self.positional_embedding[:length]
         for block in self.blocks:
-            x = block(x, key_mask[:, None, None, :])
+            x = checkpointed(block, x, key_mask[:, None, None, :], enabled=self.activation_checkpointing)
         x = self.final_norm(x)
         # Last real token: open_clip ends every caption with <end_of_text> before the padding.
         positions = torch.arange(length, device=tokens.device)
