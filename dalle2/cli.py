@@ -20,6 +20,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from dalle2.train.config import ConfigError
+    from dalle2.train.plan import format_plan, plan_file
+
+    try:
+        plan = plan_file(args.config, check=args.check)
+    except ConfigError as error:
+        print(f"dalle2 plan: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan.as_dict(), indent=2) if args.json else format_plan(plan))
+    return 0 if plan.fits else 1
+
+
 def _options(args: argparse.Namespace):
     from dalle2.pipeline import GenerationOptions, StageOptions
 
@@ -112,6 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--preset", choices=PRESETS, default="tiny")
     info.add_argument("--compact", action="store_true", help="one line of JSON")
     info.set_defaults(func=cmd_info)
+
+    plan = commands.add_parser(
+        "plan", help="per-GPU memory of a training job config before anything runs (exit 1 if it does not fit)",
+        description="Parameters, gradients and optimizer state (DeepSpeed's estimators for the config's ZeRO stage and "
+        "offload), the sharded EMA, the frozen CLIP, activations (measured on CPU at reduced widths and extrapolated), "
+        "rank 0's sample copy and a runtime allowance, against scaling.gpu_memory_gib with 10%% headroom.",
+    )  # fmt: skip
+    plan.add_argument("--config", required=True, help="a job config YAML (jobs/configs/*-gpu.yaml)")
+    plan.add_argument("--json", action="store_true", help="the plan as JSON")
+    plan.add_argument("--check", action="store_true", help="also measure a third width and report the extrapolation error")
+    plan.set_defaults(func=cmd_plan)
 
     generate = commands.add_parser("generate", help="text -> images, written as a PNG grid (one row per prompt)")
     generate.add_argument("prompts", nargs="+")

@@ -74,6 +74,9 @@ class PriorConfig:
     context_length: int = 77  # caption tokens the prior attends to
     text_drop_prob: float = 0.1  # paper: text dropped 10% of the time for guidance
     candidates: int = 2  # paper: draw 2 embeddings, keep the higher dot product with the text
+    # Recompute each Transformer block in the backward pass instead of storing its activations
+    # (dalle2.layers.checkpointed): what lets the paper-size prior train at micro-batch 512.
+    activation_checkpointing: bool = False
     diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(prediction=Prediction.X0))
 
 
@@ -146,6 +149,9 @@ class UNetConfig:
     # and values include the condition tokens, so a query that knows where it is can pick up
     # "top left" from them; without it attention is blind to position.
     attention_positions: bool = False
+    # Recompute each stage (ResBlock + its attention) in the backward pass instead of storing its
+    # activations (dalle2.layers.checkpointed); the decoder's text encoder follows this flag.
+    activation_checkpointing: bool = False
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,7 @@ class Decoder(nn.Module):
         self.config = config
         width = config.text.width
         in_channels = IMAGE_CHANNELS + (INPAINT_CHANNELS if config.inpainting else 0)
-        self.text_encoder = TextEncoder(config.text)
+        self.text_encoder = TextEncoder(config.text, activation_checkpointing=config.unet.activation_checkpointing)
         self.unet = UNet(config.unet, config.image_size, in_channels, IMAGE_CHANNELS, context_width=width)
         emb_dim = self.unet.emb_dim
         self.image_embed_to_emb = nn.Linear(config.embed_dim, emb_dim)

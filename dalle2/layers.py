@@ -4,8 +4,10 @@ block (the prior and the decoder's text encoder)."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
@@ -17,6 +19,17 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     angles = t.float()[:, None] * freqs[None]
     return F.pad(torch.cat([angles.cos(), angles.sin()], dim=-1), (0, dim % 2))
+
+
+def checkpointed(module: nn.Module, *args: Any, enabled: bool) -> Any:
+    """``module(*args)``, recomputed in the backward pass instead of keeping its activations when
+    ``enabled`` and the module trains with grad on (activation checkpointing, Chen et al. 2016:
+    memory of one block's activations per block boundary, for one extra forward). Non-reentrant
+    (``use_reentrant=False``): works with inputs that need no grad, keyword-free modules, and
+    DeepSpeed ZeRO-3, whose parameter-gathering hooks run again around the recomputation."""
+    if enabled and module.training and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False)
+    return module(*args)
 
 
 class SelfAttention(nn.Module):

@@ -27,7 +27,7 @@ from torch import nn
 
 from dalle2.config import PriorConfig
 from dalle2.diffusion import ClassifierFreeGuidance, GaussianDiffusion, SampleStep
-from dalle2.layers import Block, timestep_embedding
+from dalle2.layers import Block, checkpointed, timestep_embedding
 
 # Positions of the fixed tokens that follow the L caption tokens.
 _TEXT_EMBED, _TIME, _NOISED_IMAGE, _QUERY = range(4)
@@ -100,7 +100,7 @@ class PriorTransformer(nn.Module):
         mask = mask[:, None]  # [N, 1, S, S], broadcast over heads
 
         for block in self.blocks:
-            tokens = block(tokens, mask)
+            tokens = checkpointed(block, tokens, mask, enabled=self.config.activation_checkpointing)
         return self.out(self.norm(tokens[:, -1]))
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from dalle2.config import TextEncoderConfig
-from dalle2.layers import Block
+from dalle2.layers import Block, checkpointed
 
 
 
@@ -46,9 +46,10 @@ class TextEncoder(nn.Module):
     dominate a tiny model.
     """
 
-    def __init__(self, config: TextEncoderConfig):
+    def __init__(self, config: TextEncoderConfig, activation_checkpointing: bool = False):
         super().__init__()
         self.config = config
+        self.activation_checkpointing = activation_checkpointing  # the decoder passes its UNet's flag
         embed_width = config.token_embed_width or config.width
         self.token_embedding = nn.Embedding(config.vocab_size, embed_width)
         self.token_proj = nn.Linear(embed_width, config.width, bias=False) if embed_width != config.width else nn.Identity()
@@ -68,7 +69,7 @@ class TextEncoder(nn.Module):
         key_mask = mask
         x = self.token_proj(self.token_embedding(tokens)) + self.positional_embedding[:length]
         for block in self.blocks:
-            x = block(x, key_mask[:, None, None, :])
+            x = checkpointed(block, x, key_mask[:, None, None, :], enabled=self.activation_checkpointing)
         x = self.final_norm(x)
         last = tokens.argmax(dim=1)  # [N] the end-of-text token (caption_mask)
         pooled = x[torch.arange(n, device=tokens.device), last]

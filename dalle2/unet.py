@@ -25,7 +25,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from dalle2.config import UNetConfig
-from dalle2.layers import timestep_embedding
+from dalle2.layers import checkpointed, timestep_embedding
 
 Resample = Literal["none", "up", "down"]
 NORM_GROUPS = 32  # improved-diffusion's GroupNorm32
@@ -233,14 +233,15 @@ class UNet(nn.Module):
             x = torch.cat([x, pixel_coordinates(x)], dim=1)
         h = self.input_conv(x)
         skips = [h]
+        recompute = self.config.activation_checkpointing
         for block in self.down:
-            h = block(h, emb, context, context_mask)
+            h = checkpointed(block, h, emb, context, context_mask, enabled=recompute)
             skips.append(h)
         for block in self.middle:
-            h = block(h, emb, context, context_mask)
+            h = checkpointed(block, h, emb, context, context_mask, enabled=recompute)
         for block, takes_skip in zip(self.up, self.up_takes_skip):
             if takes_skip:
                 skip = skips.pop()
                 h = torch.cat([h, skip.to(h.dtype)], dim=1)
-            h = block(h, emb, context, context_mask)
+            h = checkpointed(block, h, emb, context, context_mask, enabled=recompute)
         return self.output(h)

@@ -44,7 +44,7 @@ def test_every_shipped_config_loads_and_resolves_its_model():
         job = os.path.basename(path).split("-")[0]
         config = load_job_config(job, path)
         resolve_model_config(config.model)  # the preset and overrides make a valid model config
-        gpu = "gpu" in path
+        gpu = "gpu" in os.path.basename(path)  # not the folder: a checkout may be named wt-gpu
         assert config.scaling.use_gpu == gpu and config.scaling.backend.value == ("nccl" if gpu else "gloo")
         assert config.deepspeed.precision is (Precision.BF16 if gpu else Precision.FP32)
         if not gpu:

@@ -84,12 +84,54 @@ def add_models_command(bench_commands: argparse._SubParsersAction) -> None:
     models.set_defaults(func=cmd_models)
 
 
+def cmd_gpu(args: argparse.Namespace) -> int:
+    import torch
+
+    from dalle2.bench.gpu import GpuBenchSettings, format_gpu_report, run_gpu_bench
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("dalle2 bench gpu: no CUDA device here; nothing to bench (--device cpu runs the tiny smoke mode)")
+        return 0
+    smoke = args.device == "cpu"
+    settings = GpuBenchSettings(
+        device=args.device, presets=("tiny",) if smoke else tuple(args.presets), paper=not smoke and not args.no_paper,
+        batch=min(args.batch, 2) if smoke else args.batch, max_batch=2 if smoke else args.max_batch,
+        repeats=1 if smoke else args.repeats, warmup=0 if smoke else 2, sample_steps=2 if smoke else args.steps,
+        peak_tflops=args.peak_tflops, compile=args.compile, peers=not args.no_peers,
+    )  # fmt: skip
+    log = None if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+    result = run_gpu_bench(settings, log or (lambda message: None))
+    print(json.dumps(result, indent=2) if args.json else format_gpu_report(result))
+    return 0
+
+
+def add_gpu_command(bench_commands: argparse._SubParsersAction) -> None:
+    gpu = bench_commands.add_parser(
+        "gpu", help="bf16 training TFLOP/s and MFU of each model, the paper-size prior/decoder's largest micro-batch, cascade sampling",
+        description="Runs on the CUDA device present (exits 0 saying so when there is none). --device cpu is a smoke "
+        "mode on the tiny preset that exercises the same code path (FLOP counting, batch search, report).",
+    )  # fmt: skip
+    gpu.add_argument("--json", action="store_true", help="print the full result as JSON")
+    gpu.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    gpu.add_argument("--presets", nargs="+", choices=("tiny", "small", "base"), default=["small", "base"])
+    gpu.add_argument("--batch", type=int, default=32, help="micro-batch of the small and base presets (default 32)")
+    gpu.add_argument("--max-batch", type=int, default=4096, help="where the paper-size micro-batch search stops")
+    gpu.add_argument("--no-paper", action="store_true", help="skip the paper-size prior and decoder")
+    gpu.add_argument("--repeats", type=int, default=5)
+    gpu.add_argument("--steps", type=int, default=25, help="sampling steps per stage of the cascade")
+    gpu.add_argument("--peak-tflops", type=float, default=0.0, help="the device's dense bf16 peak (default: from its name)")
+    gpu.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    gpu.add_argument("--no-peers", action="store_true", help="skip dalle2-pytorch's decoder (the 'bench' extra)")
+    gpu.add_argument("--quiet", action="store_true")
+    gpu.set_defaults(func=cmd_gpu)
+
+
 # Each registrar is light: the heavy imports (Ray, DeepSpeed, serving) are inside its handler.
 from dalle2.bench.data import add_data_benchmark  # noqa: E402
 from dalle2.serve_cli import add_serve_benchmark  # noqa: E402
 from dalle2.train.cli import add_train_benchmark  # noqa: E402
 
-BENCHMARKS: tuple[Registrar, ...] = (add_models_command, add_data_benchmark, add_train_benchmark, add_serve_benchmark)
+BENCHMARKS: tuple[Registrar, ...] = (add_models_command, add_gpu_command, add_data_benchmark, add_train_benchmark, add_serve_benchmark)
 
 
 def add_bench_commands(subparsers: argparse._SubParsersAction, registrars: Optional[Iterable[Registrar]] = None) -> argparse._SubParsersAction:

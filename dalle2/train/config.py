@@ -131,9 +131,13 @@ class DeepSpeedOptions:
     # the model within [1e6, 5e8]: DeepSpeed's fixed default of 5e8 is a 2 GB fp32 buffer that
     # ZeRO-3 allocates up front, more than a small model's whole state.
     bucket_size: int = 0
+    # ZeRO-3 only: models of at least this many parameters are built inside deepspeed.zero.Init,
+    # partitioned as they are constructed, instead of whole on every rank (dalle2.train.sharded).
+    zero_init_threshold: int = 100_000_000
 
     def __post_init__(self) -> None:
         _check(self.bucket_size >= 0, "bucket_size must be >= 0 (0 = auto)")
+        _check(self.zero_init_threshold >= 0, "zero_init_threshold must be >= 0 (0 = every ZeRO-3 model)")
         _check(self.zero_stage in (0, 1, 2, 3), f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         _check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1")
         _check(self.gradient_clipping >= 0, "gradient_clipping must be >= 0")
@@ -175,9 +179,17 @@ class ScalingSpec:
     cpus_per_worker: float = 0.5  # fractional on small machines: Ray Data needs CPU beside the workers
     gpus_per_worker: float = 1.0  # only with use_gpu
     backend: Backend = Backend.GLOO
+    gpus_per_node: int = 8  # how the workers are spread over machines (ZeRO partitions, `dalle2 plan`)
+    gpu_memory_gib: float = 0.0  # memory of one GPU, for `dalle2 plan` (0 = not declared)
 
     def __post_init__(self) -> None:
         _check(self.workers >= 1, "workers must be >= 1")
+        _check(self.gpus_per_node >= 1, "gpus_per_node must be >= 1")
+        _check(self.gpu_memory_gib >= 0, "gpu_memory_gib must be >= 0 (0 = not declared)")
+        _check(
+            self.workers <= self.gpus_per_node or self.workers % self.gpus_per_node == 0,
+            "workers must fill whole nodes: a multiple of gpus_per_node",
+        )
         _check(self.cpus_per_worker > 0, "cpus_per_worker must be > 0")
         _check(self.gpus_per_worker > 0, "gpus_per_worker must be > 0")
         _check(self.use_gpu or self.backend is Backend.GLOO, "backend nccl needs use_gpu: true")

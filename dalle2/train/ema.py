@@ -82,16 +82,19 @@ class ShardedEMA:
         return {"world_size": self.world_size, "shapes": {name: list(shape) for name, shape in self.shapes.items()}}
 
     @torch.no_grad()
-    def gather(self, dst: int = 0) -> Optional[dict[str, Tensor]]:
-        """Whole EMA parameters (float32, CPU) on rank ``dst``, None on the others. Collective."""
+    def gather(self, dst: int = 0, dtype: Optional[torch.dtype] = None) -> Optional[dict[str, Tensor]]:
+        """Whole EMA parameters (float32, or ``dtype`` parameter by parameter so that no whole
+        float32 copy is ever held; CPU) on rank ``dst``, None on the others. Collective."""
         if self.world_size == 1:
-            return consolidate([self.state_dict()], self.layout())
+            full = consolidate([self.state_dict()], self.layout())
+            return full if dtype is None else {name: value.to(dtype) for name, value in full.items()}
         full: dict[str, Tensor] = {}
         for name, shard in self.shards.items():
             pieces = [torch.empty_like(shard) for _ in range(self.world_size)] if self.rank == dst else None
             dist.gather(shard, pieces, dst=dst)
             if pieces is not None:
-                full[name] = torch.cat(pieces)[: math.prod(self.shapes[name])].reshape(self.shapes[name]).cpu()
+                whole = torch.cat(pieces)[: math.prod(self.shapes[name])].reshape(self.shapes[name])
+                full[name] = whole.to(device="cpu", dtype=dtype or whole.dtype)
         return full if self.rank == dst else None
 
 

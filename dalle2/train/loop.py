@@ -32,6 +32,7 @@ from dalle2.train.deepspeed_config import build_deepspeed_config, global_batch_s
 from dalle2.train.ema import ShardedEMA
 from dalle2.train.samples import png_bytes
 from dalle2.train.schedule import learning_rate
+from dalle2.train.sharded import build_model, sample_copy
 from dalle2.train.tasks import Task, make_task
 
 
@@ -85,8 +86,11 @@ def _first_batches(shard, batch_size: int, count: int) -> Iterator[dict]:
 def weight_decay_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: decay on weight matrices and kernels, none on biases, norms and 1-D
     embeddings (as GPT-2 / nanoGPT)."""
-    decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
-    plain = [p for p in module.parameters() if p.requires_grad and p.ndim < 2]
+    def ndim(p: nn.Parameter) -> int:  # a zero.Init parameter is an empty placeholder: its shape is ds_shape
+        return len(getattr(p, "ds_shape", p.shape))
+
+    decay = [p for p in module.parameters() if p.requires_grad and ndim(p) >= 2]
+    plain = [p for p in module.parameters() if p.requires_grad and ndim(p) < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
@@ -184,27 +188,25 @@ class Worker:
         return ({"val_loss": total / count} if count else {}), first
 
     def sample_grid(self, batch: Optional[dict]) -> Optional[str]:
-        """Rank 0 draws samples with the EMA weights on a plain float32 copy of the model (the
-        samplers work in float32) and writes a PNG under ``<run>/samples``; returns its URI.
-        Collective (the EMA is gathered). The copy costs one whole model on rank 0 while it samples."""
+        """Rank 0 draws samples with the EMA weights on a plain copy of the model and writes a PNG
+        under ``<run>/samples``; returns its URI. Collective (the EMA is gathered).
+
+        ZeRO 0-2 runs (every rank holds the whole model anyway) sample a float32 copy. ZeRO-3 runs
+        (models too big for one rank) sample a copy in the training dtype (bf16 on GPU: half of a
+        float32 copy), built on the meta device and filled from the EMA gathered parameter by
+        parameter in that dtype: rank 0 never holds a whole float32 model, on the GPU or off it."""
         loop = self.job.loop
         if self.ema is None or loop.sample_count == 0:
             return None
-        full = self.ema.gather(dst=0)
+        dtype = self.dtype if self.job.deepspeed.zero_stage == 3 else torch.float32
+        full = self.ema.gather(dst=0, dtype=dtype)
         if self.rank != 0 or batch is None:
             return None
-        copy = self.task.build_model().to(device=self.device)
-        params = dict(copy.named_parameters())
-        for name, value in full.items():
-            params[name].data.copy_(value)
-        buffers = dict(copy.named_buffers())
-        for name, value in self.model.named_buffers():
-            if name in buffers:
-                buffers[name].copy_(value)
-        self.task.load_extra_state(copy, self.task.extra_state(self.model))  # float32 statistics, not the engine's bf16 copy
+        copy = sample_copy(self.task, self.model, full, dtype, self.device)
+        del full
         batch = {key: value[: loop.sample_count] for key, value in batch.items()}
         figure = self.task.sample_figure(
-            copy.eval(), batch, steps=loop.sample_steps, guidance_scale=loop.guidance_scale,
+            copy, batch, steps=loop.sample_steps, guidance_scale=loop.guidance_scale,
             generator=torch.Generator().manual_seed(loop.seed),
         )  # fmt: skip
         if figure is None:
@@ -304,7 +306,7 @@ def build_engine(job: JobConfig, task: Task, model: nn.Module, world_size: int):
             # on the loss module (the loss uses it) and on the model (whose forward may be called alone)
             deepspeed.zero.register_external_parameter(loss_module, parameter)
             deepspeed.zero.register_external_parameter(model, parameter)
-    parameters = sum(p.numel() for p in loss_module.parameters())
+    parameters = sum(getattr(p, "ds_numel", p.numel()) for p in loss_module.parameters())  # ds_numel: built by zero.Init
     ds_config = build_deepspeed_config(job.deepspeed, job.optim, job.loop.batch_size, world_size, parameters)
     engine, _, _, _ = deepspeed.initialize(
         model=loss_module, model_parameters=weight_decay_groups(loss_module, job.optim.weight_decay), config=ds_config
@@ -334,8 +336,7 @@ def train_worker(config: dict) -> None:
         job.job, job.model_kind, model_config, device=device, rank=rank, world_size=world_size, clip=clip,
         precomputed=not job.loads_clip,
     )  # fmt: skip
-    torch.manual_seed(job.loop.seed)  # the same initial weights on every rank
-    model = task.build_model()
+    model = build_model(job, task, world_size)  # partitioned at construction for big ZeRO-3 models
 
     train_shard = ray.train.get_dataset_shard("train")
     validation_shard = ray.train.get_dataset_shard("validation")
