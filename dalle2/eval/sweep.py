@@ -32,17 +32,20 @@ def parse_setting(text: str) -> tuple[str, tuple[int, int, int]]:
     return sampler, numbers  # type: ignore[return-value]
 
 
-def evaluations(steps: tuple[int, int, int], has_upsampler: bool) -> int:
-    """Network evaluations per image of the decoder and upsampler (the prior's are ~100x cheaper)."""
-    return steps[1] + (steps[2] if has_upsampler else 0)
+def evaluations(steps: tuple[int, int, int], stages: set[str]) -> int:
+    """Network evaluations per image of the decoder and upsampler (the prior's are ~100x cheaper),
+    or of the prior when it is the only diffusion stage."""
+    if "decoder" not in stages:
+        return steps[0]
+    return steps[1] + (steps[2] if "upsampler" in stages else 0)
 
 
 def scores(report: dict[str, Any]) -> dict[str, Optional[float]]:
-    generation, checker = report["generation"], report["shapes_checker"]
+    generation, checker = report["generation"] or {}, report["shapes_checker"]
     return {
         "all_three_right": checker["generated"]["shape_color_position"] if checker else None,
-        "clip_score": generation["clip_score"],
-        "clip_fid": generation["clip_fid"],
+        "clip_score": generation.get("clip_score"),
+        "clip_fid": generation.get("clip_fid"),
         "prior_cosine": report["prior"]["cosine"] if report["prior"] else None,
         "seconds": report["wall_time_s"].get("generate", 0.0) + report["wall_time_s"].get("prior", 0.0),
     }
@@ -56,7 +59,8 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     draw = ImageDraw.Draw(image)
     colors = {"ddim": (200, 60, 40), "dpmpp_2m": (40, 90, 200), "ddpm": (60, 150, 60)}
     max_x = max(r["evaluations"] for r in rows) * 1.05
-    for panel, metric in enumerate(("all_three_right", "clip_score")):
+    metrics = ("all_three_right", "clip_score") if any(r["clip_score"] is not None for r in rows) else ("prior_cosine",)
+    for panel, metric in enumerate(metrics):
         values = [r[metric] for r in rows if r[metric] is not None]
         if not values:
             continue
@@ -107,9 +111,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 count=args.count, steps=Steps(*steps), samplers=Samplers(sampler, sampler, sampler), seed=seed, batch_size=args.batch_size,
             )  # fmt: skip
             report = run_eval(settings)
-            has_upsampler = any(b["kind"].startswith("upsampler") for b in report["bundles"])
+            stages = {b["kind"].split("_")[0] for b in report["bundles"]}
             row = {"sampler": sampler, "steps": steps, "seed": seed, "baseline": index == 0,
-                   "evaluations": evaluations(steps, has_upsampler), **scores(report)}  # fmt: skip
+                   "evaluations": evaluations(steps, stages), **scores(report)}  # fmt: skip
             rows.append(row)
             print(json.dumps(row), flush=True)
     storage.write_bytes(storage.join(args.out, "sweep.json"), json.dumps(rows, indent=2).encode())
@@ -118,10 +122,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        right = "" if r["all_three_right"] is None else f"{r['all_three_right']:.3f}"
+        shown = {k: ("" if r[k] is None else f"{r[k]:.{digits}f}") for k, digits in
+                 (("all_three_right", 3), ("clip_score", 3), ("clip_fid", 4), ("prior_cosine", 4))}  # fmt: skip
         lines.append(
-            f"| {r['sampler']} | {', '.join(map(str, r['steps']))} | {r['seed']} | {r['evaluations']} | {right} | "
-            f"{r['clip_score']:.3f} | {r['clip_fid']:.4f} | {r['prior_cosine'] or 0:.3f} | {r['seconds']:.0f} |"
+            f"| {r['sampler']} | {', '.join(map(str, r['steps']))} | {r['seed']} | {r['evaluations']} | {shown['all_three_right']} | "
+            f"{shown['clip_score']} | {shown['clip_fid']} | {shown['prior_cosine']} | {r['seconds']:.0f} |"
         )
     storage.write_bytes(storage.join(args.out, "sweep.md"), ("\n".join(lines) + "\n").encode())
     plot(rows, os.path.join(args.out, "sweep.png"))
