@@ -36,13 +36,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def _options(args: argparse.Namespace):
     from dalle2.pipeline import GenerationOptions, StageOptions
 
+    defaults = GenerationOptions()
+
+    def stage(name: str, guidance: float) -> StageOptions:
+        default = getattr(defaults, name)
+        steps, sampler = getattr(args, f"{name}_steps"), getattr(args, f"{name}_sampler")
+        return StageOptions(default.steps if steps is None else steps, guidance, sampler or default.sampler)
+
     return GenerationOptions(
         n=args.n,
         seed=args.seed,
         size=args.size,
-        prior=StageOptions(args.prior_steps, args.prior_guidance),
-        decoder=StageOptions(args.decoder_steps, args.decoder_guidance),
-        upsampler=StageOptions(args.upsampler_steps, 1.0),
+        prior=stage("prior", args.prior_guidance),
+        decoder=stage("decoder", args.decoder_guidance),
+        upsampler=stage("upsampler", 1.0),
         low_res_consistency=not args.free_upsampling,
         precision=None if args.precision == "auto" else args.precision,
     )
@@ -103,10 +110,19 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="grid.png", help="PNG grid to write")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quiet", action="store_true", help="no per-step progress on stderr")
-    for stage, guidance in (("prior", 1.0), ("decoder", 3.0)):
-        parser.add_argument(f"--{stage}-steps", type=int, default=None)
-        parser.add_argument(f"--{stage}-guidance", type=float, default=guidance)
-    parser.add_argument("--upsampler-steps", type=int, default=None)
+    from dalle2.pipeline import GenerationOptions
+    from dalle2.sampling import SAMPLERS
+
+    defaults = GenerationOptions()
+    for stage in ("prior", "decoder", "upsampler"):
+        default = getattr(defaults, stage)
+        parser.add_argument(f"--{stage}-steps", type=int, default=None, help=f"sampling steps (default {default.steps})")
+        if stage != "upsampler":
+            parser.add_argument(f"--{stage}-guidance", type=float, default=default.guidance_scale)
+        parser.add_argument(
+            f"--{stage}-sampler", choices=SAMPLERS, default=None,
+            help=f"dpmpp_2m (DPM-Solver++(2M)), ddim or ddpm (default {default.sampler})",
+        )  # fmt: skip
     parser.add_argument(
         "--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
         help="the networks' precision (autocast; the samplers stay float32): auto = bf16 on CUDA, fp32 on CPU",

@@ -131,51 +131,84 @@ class Decoder(nn.Module):
         mask = mask.to(x_t.dtype)
         return torch.cat([image.to(x_t.dtype) * mask, mask], dim=1)
 
+    def encode_conditions(self, image_embed: Tensor, text_tokens: Optional[Tensor] = None) -> dict[str, Tensor]:
+        """Everything of the forward that depends on the CLIP embedding and the caption alone: the
+        caption encoder's run and the projections of the embedding. Sampling calls it once per
+        request and passes its tensors to every step instead of ``image_embed``/``text_tokens``.
+
+        Returns ``context`` [N, 4 + 1 + L, W] (CLIP tokens, the null caption token, caption tokens),
+        ``context_mask`` [N, 4 + 1 + L] (the null caption token is attended only without a caption),
+        ``image_emb`` and ``caption_emb`` [N, emb_dim] (the projections added to the timestep
+        embedding). Guidance's drops are applied in :meth:`forward`, so one encoding serves both halves."""
+        n, dtype = image_embed.shape[0], self.null_image_embed.dtype
+        device = self.null_image_embed.device
+        if image_embed.shape != (n, self.config.embed_dim):
+            raise ValueError(f"image_embed must be [{n}, {self.config.embed_dim}], got {tuple(image_embed.shape)}")
+        # CLIP image embedding: on the sphere of radius sqrt(D) (CLIP embeddings compare by cosine).
+        embed = F.normalize(image_embed.to(device, dtype), dim=-1) * math.sqrt(self.config.embed_dim)
+        clip_tokens = self.image_embed_to_tokens(embed).reshape(n, self.config.clip_tokens, -1)  # [N, 4, W]
+        # Caption: per-token outputs + pooled output (GLIDE), or nothing.
+        width = self.config.text.width
+        if text_tokens is None:
+            caption, caption_mask = embed.new_zeros(n, 0, width), torch.zeros(n, 0, dtype=torch.bool, device=device)
+            caption_emb = self.text_to_emb(self.null_text_pooled.to(dtype)).expand(n, -1)
+        else:
+            if text_tokens.ndim != 2 or text_tokens.shape[0] != n:
+                raise ValueError(f"text_tokens must be [{n}, L], got {tuple(text_tokens.shape)}")
+            encoding = self.text_encoder(text_tokens.to(device))
+            caption, caption_mask, caption_emb = encoding.sequence, encoding.mask, self.text_to_emb(encoding.pooled)
+        null_token = self.null_text_token.to(dtype).expand(n, 1, width)
+        no_caption = torch.full((n, 1), text_tokens is None, dtype=torch.bool, device=device)
+        clip_visible = torch.ones(n, self.config.clip_tokens, dtype=torch.bool, device=device)
+        return {
+            "context": torch.cat([clip_tokens, null_token, caption.to(dtype)], dim=1),
+            "context_mask": torch.cat([clip_visible, no_caption, caption_mask], dim=1),
+            "image_emb": self.image_embed_to_emb(embed),
+            "caption_emb": caption_emb,
+        }
+
     def forward(
         self,
         x_t: Tensor,  # [N, 3, H, W] noised image
         t: Tensor,  # [N] timesteps (long)
         *,
-        image_embed: Tensor,  # [N, embed_dim] CLIP image embedding (any norm: its direction is used)
+        image_embed: Optional[Tensor] = None,  # [N, embed_dim] CLIP image embedding (any norm: its direction is used)
         text_tokens: Optional[Tensor] = None,  # [N, L] open_clip BPE ids, 0 = padding; None = no caption
         drop_image_embed: Optional[Tensor] = None,  # [N] bool, True = learned null image embedding
         drop_text: Optional[Tensor] = None,  # [N] bool, True = learned null caption
         inpaint_image: Optional[Tensor] = None,  # [N, 3, H, W] image whose known pixels to keep
         inpaint_mask: Optional[Tensor] = None,  # [N, 1, H, W] 1 = known pixel, 0 = to fill
+        # or, instead of image_embed and text_tokens, what encode_conditions returned for them:
+        context: Optional[Tensor] = None,
+        context_mask: Optional[Tensor] = None,
+        image_emb: Optional[Tensor] = None,
+        caption_emb: Optional[Tensor] = None,
     ) -> Tensor:
         n, device, dtype = x_t.shape[0], x_t.device, x_t.dtype
-        if image_embed.shape != (n, self.config.embed_dim):
-            raise ValueError(f"image_embed must be [{n}, {self.config.embed_dim}], got {tuple(image_embed.shape)}")
+        if context is None:
+            if image_embed is None:
+                raise ValueError("give image_embed (and text_tokens), or encode_conditions' tensors")
+            encoded = self.encode_conditions(image_embed, text_tokens)
+            context, context_mask, image_emb, caption_emb = (encoded[k] for k in ("context", "context_mask", "image_emb", "caption_emb"))
+        elif image_embed is not None or text_tokens is not None:
+            raise ValueError("give image_embed/text_tokens or encode_conditions' tensors, not both")
+        if context.shape[0] != n:
+            raise ValueError(f"the conditions have {context.shape[0]} rows for {n} samples")
         drop_image = self._drop_mask(drop_image_embed, n, device)
         drop_caption = self._drop_mask(drop_text, n, device)
 
-        # CLIP image embedding: on the sphere of radius sqrt(D) (CLIP embeddings compare by cosine),
-        # or the learned null where dropped.
-        embed = F.normalize(image_embed.to(dtype), dim=-1) * math.sqrt(self.config.embed_dim)
-        embed = torch.where(drop_image[:, None], self.null_image_embed.to(dtype), embed)  # [N, D]
-        clip_tokens = self.image_embed_to_tokens(embed).reshape(n, self.config.clip_tokens, -1)  # [N, 4, W]
+        # Dropped conditions become the learned nulls, projected as the real ones were.
+        k = self.config.clip_tokens
+        null_embed = self.null_image_embed.to(dtype)[None]  # [1, D]
+        null_tokens = self.image_embed_to_tokens(null_embed).reshape(1, k, -1)
+        clip_tokens = torch.where(drop_image[:, None, None], null_tokens, context[:, :k].to(dtype))
+        image_emb = torch.where(drop_image[:, None], self.image_embed_to_emb(null_embed), image_emb.to(dtype))
+        drop_caption = drop_caption | context_mask[:, k]  # no caption given: the null caption
+        caption_emb = torch.where(drop_caption[:, None], self.text_to_emb(self.null_text_pooled.to(dtype)), caption_emb.to(dtype))
+        context = torch.cat([clip_tokens, context[:, k:].to(dtype)], dim=1)
+        context_mask = torch.cat([context_mask[:, :k], drop_caption[:, None], context_mask[:, k + 1 :] & ~drop_caption[:, None]], dim=1)
 
-        # Caption: per-token outputs + pooled output, or the learned nulls.
-        width = self.config.text.width
-        null_token = self.null_text_token.to(dtype).expand(n, 1, width)  # [N, 1, W]
-        if text_tokens is None:
-            drop_caption = torch.ones_like(drop_caption)
-            text_sequence = null_token.new_zeros(n, 0, width)
-            text_mask = torch.zeros(n, 0, dtype=torch.bool, device=device)
-            pooled = null_token[:, 0]
-        else:
-            if text_tokens.ndim != 2 or text_tokens.shape[0] != n:
-                raise ValueError(f"text_tokens must be [{n}, L], got {tuple(text_tokens.shape)}")
-            encoding = self.text_encoder(text_tokens.to(device))
-            text_sequence, text_mask, pooled = encoding.sequence, encoding.mask, encoding.pooled
-        pooled = torch.where(drop_caption[:, None], self.null_text_pooled.to(pooled.dtype), pooled)  # [N, W]
-        text_mask = text_mask & ~drop_caption[:, None]
-
-        context = torch.cat([clip_tokens, null_token.to(clip_tokens.dtype), text_sequence.to(clip_tokens.dtype)], dim=1)
-        clip_visible = torch.ones(n, self.config.clip_tokens, dtype=torch.bool, device=device)
-        context_mask = torch.cat([clip_visible, drop_caption[:, None], text_mask], dim=1)  # [N, 4 + 1 + L]
-
-        extra_emb = self.image_embed_to_emb(embed) + self.text_to_emb(pooled)  # [N, emb_dim]
+        extra_emb = image_emb + caption_emb  # [N, emb_dim]
         inpaint = self._inpaint_channels(x_t, inpaint_image, inpaint_mask)
         x = x_t if inpaint is None else torch.cat([x_t, inpaint], dim=1)
         return self.unet(x, t, extra_emb=extra_emb, context=context, context_mask=context_mask)

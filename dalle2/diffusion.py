@@ -19,13 +19,13 @@ cast to its own dtype at the call (``input_dtype``).
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from dalle2.config import DiffusionConfig, Prediction, Schedule
-from dalle2.sampling import SampleStep, ddim_sample_progressive, ddpm_sample_progressive, gaussian_noise
+from dalle2.sampling import SAMPLERS, Sampler, SampleStep, ddim_sample_progressive, ddpm_sample_progressive, dpmpp_2m_sample_progressive, gaussian_noise
 
 __all__ = ["ClassifierFreeGuidance", "GaussianDiffusion", "SampleStep", "even_timesteps", "make_betas", "process_dtype"]
 
@@ -278,22 +278,22 @@ class GaussianDiffusion:
 
     ddpm_sample_progressive = ddpm_sample_progressive
     ddim_sample_progressive = ddim_sample_progressive
+    dpmpp_2m_sample_progressive = dpmpp_2m_sample_progressive
 
     def sample(
         self,
         model: Callable[..., Tensor],
         shape,
         *,
-        sampler: Literal["ddpm", "ddim"] = "ddim",
+        sampler: Sampler = "ddim",
         progress: Optional[Callable[[SampleStep], None]] = None,
         **kwargs,
     ) -> Tensor:
         """Drain a progressive sampler and return the final sample, calling progress(step) at each step."""
-        samplers = {"ddpm": self.ddpm_sample_progressive, "ddim": self.ddim_sample_progressive}
-        if sampler not in samplers:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(samplers)}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
         final = None
-        for step in samplers[sampler](model, shape, **kwargs):
+        for step in getattr(self, f"{sampler}_sample_progressive")(model, shape, **kwargs):
             if progress is not None:
                 progress(step)
             final = step.x

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 import torch.utils.checkpoint
 import torch.nn.functional as F
+from typing import Optional
+
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -44,9 +46,17 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        # x: [N, S, W]; mask: bool, broadcastable to [N, heads, S, S], True = may attend
+    def keys_values(self, x: Tensor) -> Tensor:
+        """[N, 2, heads, S, d]: the keys and values of tokens x [N, S, W], to pass later as ``past``."""
+        _, k, v = rearrange(self.qkv(x), "n s (three h d) -> three n h s d", three=3, h=self.heads)
+        return torch.stack([k, v], dim=1)
+
+    def forward(self, x: Tensor, mask: Tensor, past: Optional[Tensor] = None) -> Tensor:
+        # x: [N, S, W]; past: [N, 2, heads, P, d] keys/values of P earlier tokens (a KV cache), which
+        # come first among the keys; mask: bool, broadcastable to [N, heads, S, P + S], True = may attend
         q, k, v = rearrange(self.qkv(x), "n s (three h d) -> three n h s d", three=3, h=self.heads)
+        if past is not None:
+            k, v = torch.cat([past[:, 0].to(k.dtype), k], dim=2), torch.cat([past[:, 1].to(v.dtype), v], dim=2)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(rearrange(y, "n h s d -> n s (h d)"))
 
@@ -62,6 +72,6 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x), mask)
+    def forward(self, x: Tensor, mask: Tensor, past: Optional[Tensor] = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), mask, past)
         return x + self.mlp(self.norm2(x))

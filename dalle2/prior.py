@@ -18,7 +18,7 @@ saved with the model, so that a saved prior alone reproduces its outputs.
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ from torch import nn
 from dalle2.config import PriorConfig
 from dalle2.diffusion import ClassifierFreeGuidance, GaussianDiffusion, SampleStep
 from dalle2.layers import Block, checkpointed, timestep_embedding
+from dalle2.sampling import Sampler
 
 # Positions of the fixed tokens that follow the L caption tokens.
 _TEXT_EMBED, _TIME, _NOISED_IMAGE, _QUERY = range(4)
@@ -54,30 +55,68 @@ class PriorTransformer(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.out = nn.Linear(width, config.embed_dim)
 
+    def encode_caption(
+        self,
+        text_embed: torch.Tensor,  # [N, D] CLIP text embedding
+        text_hidden: Optional[torch.Tensor] = None,  # [N, L, text_width] CLIP per-token states
+        text_mask: Optional[torch.Tensor] = None,  # [N, L] bool, True = real token
+    ) -> dict[str, torch.Tensor]:
+        """Everything of the forward that depends on the caption alone, once per request.
+
+        The caption tokens come first in a causal sequence, so their states at every layer never
+        see the timestep or the noised embedding: their keys and values are a KV cache that every
+        diffusion step reuses, and each step runs the Transformer over the 4 fixed tokens only.
+        Returns the keyword arguments of :meth:`forward` that replace the caption: ``text_token``
+        [N, W], ``caption_kv`` [N, layers, 2, heads, L, head_width], ``caption_mask`` [N, L]."""
+        n = text_embed.shape[0]
+        if text_hidden is None:
+            text_hidden = text_embed.new_zeros(n, 0, self.config.text_width)
+            text_mask = torch.zeros(n, 0, dtype=torch.bool, device=text_embed.device)
+        elif text_mask is None:
+            text_mask = torch.ones(text_hidden.shape[:2], dtype=torch.bool, device=text_embed.device)
+        length = text_hidden.shape[1]
+        if length > self.config.context_length:
+            raise ValueError(f"{length} caption tokens exceed context_length {self.config.context_length}")
+        # The text embedding is used on the unit sphere (scaled to unit variance per dimension),
+        # so that the prior is indifferent to CLIP's embedding norm.
+        text_embed = F.normalize(text_embed, dim=-1) * math.sqrt(text_embed.shape[-1])
+        tokens = self.caption_in(text_hidden) + self.positions[-(length + _FIXED_TOKENS) : self.positions.shape[0] - _FIXED_TOKENS]
+        # Causal mask minus padding; every token sees itself so that no row is fully masked.
+        causal = torch.ones(length, length, dtype=torch.bool, device=tokens.device).tril()
+        eye = torch.eye(length, dtype=torch.bool, device=tokens.device)
+        mask = ((causal & text_mask[:, None, :]) | eye)[:, None]  # [N, 1, L, L]
+        keys_values = []
+        for index, block in enumerate(self.blocks):
+            keys_values.append(block.attn.keys_values(block.norm1(tokens)))  # [N, 2, heads, L, d]
+            if length and index + 1 < len(self.blocks):
+                tokens = checkpointed(block, tokens, mask, enabled=self.config.activation_checkpointing)
+        return {"text_token": self.text_embed_in(text_embed), "caption_kv": torch.stack(keys_values, dim=1), "caption_mask": text_mask}
+
     def forward(
         self,
         x_t: torch.Tensor,  # [N, D] noised, normalised image embedding
         t: torch.Tensor,  # [N] timesteps
         *,
-        text_embed: torch.Tensor,  # [N, D] CLIP text embedding
+        text_embed: Optional[torch.Tensor] = None,  # [N, D] CLIP text embedding
         text_hidden: Optional[torch.Tensor] = None,  # [N, L, text_width] CLIP per-token states
         text_mask: Optional[torch.Tensor] = None,  # [N, L] bool, True = real token
         drop_text: Optional[torch.Tensor] = None,  # [N] bool, True = use the learned null caption
+        # or, instead of text_embed/text_hidden/text_mask, what encode_caption returned for them:
+        text_token: Optional[torch.Tensor] = None,
+        caption_kv: Optional[torch.Tensor] = None,
+        caption_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        n = x_t.shape[0]
-        if text_hidden is None:
-            text_hidden = x_t.new_zeros(n, 0, self.config.text_width)
-            text_mask = torch.zeros(n, 0, dtype=torch.bool, device=x_t.device)
-        elif text_mask is None:
-            text_mask = torch.ones(text_hidden.shape[:2], dtype=torch.bool, device=x_t.device)
-        if text_hidden.shape[1] > self.config.context_length:
-            raise ValueError(f"{text_hidden.shape[1]} caption tokens exceed context_length {self.config.context_length}")
+        if text_token is None:
+            if text_embed is None:
+                raise ValueError("give text_embed (and text_hidden, text_mask), or encode_caption's tensors")
+            encoded = self.encode_caption(text_embed, text_hidden, text_mask)
+            text_token, caption_kv, caption_mask = encoded["text_token"], encoded["caption_kv"], encoded["caption_mask"]
+        n, length = x_t.shape[0], caption_mask.shape[1]
+        if text_token.shape[0] != n:
+            raise ValueError(f"the caption has {text_token.shape[0]} rows for {n} samples")
         dropped = torch.zeros(n, dtype=torch.bool, device=x_t.device) if drop_text is None else drop_text
 
-        # The text embedding is used on the unit sphere (scaled to unit variance per dimension),
-        # so that the prior is indifferent to CLIP's embedding norm.
-        text_embed = F.normalize(text_embed, dim=-1) * math.sqrt(text_embed.shape[-1])
-        text_token = torch.where(dropped[:, None], self.null_text_embed.to(x_t.dtype), self.text_embed_in(text_embed))
+        text_token = torch.where(dropped[:, None], self.null_text_embed.to(x_t.dtype), text_token.to(x_t.dtype))
         fixed = torch.stack(
             [
                 text_token,
@@ -87,21 +126,16 @@ class PriorTransformer(nn.Module):
             ],
             dim=1,
         )  # [N, 4, W]
-        tokens = torch.cat([self.caption_in(text_hidden), fixed], dim=1)  # [N, S, W]
-        length = tokens.shape[1]
-        tokens = tokens + self.positions[-length:]  # aligned from the end: fixed tokens keep their positions
+        fixed = fixed + self.positions[-_FIXED_TOKENS:]  # the sequence is aligned from the end
 
-        # Causal mask, minus caption padding and dropped captions; every token sees itself
-        # so that no row is fully masked.
-        key_valid = torch.cat([text_mask & ~dropped[:, None], text_mask.new_ones(n, _FIXED_TOKENS)], dim=1)  # [N, S]
-        causal = torch.ones(length, length, dtype=torch.bool, device=x_t.device).tril()
-        eye = torch.eye(length, dtype=torch.bool, device=x_t.device)
-        mask = (causal & key_valid[:, None, :]) | eye  # [N, S, S]
-        mask = mask[:, None]  # [N, 1, S, S], broadcast over heads
-
-        for block in self.blocks:
-            tokens = checkpointed(block, tokens, mask, enabled=self.config.activation_checkpointing)
-        return self.out(self.norm(tokens[:, -1]))
+        # The fixed tokens follow every caption token (so see all of them, minus padding and dropped
+        # captions) and attend causally among themselves.
+        caption_visible = (caption_mask & ~dropped[:, None])[:, None, :].expand(n, _FIXED_TOKENS, length)
+        causal = torch.ones(_FIXED_TOKENS, _FIXED_TOKENS, dtype=torch.bool, device=x_t.device).tril().expand(n, -1, -1)
+        mask = torch.cat([caption_visible, causal], dim=2)[:, None]  # [N, 1, 4, L + 4]
+        for index, block in enumerate(self.blocks):
+            fixed = checkpointed(block, fixed, mask, caption_kv[:, index], enabled=self.config.activation_checkpointing)
+        return self.out(self.norm(fixed[:, -1]))
 
 
 class DiffusionPrior(nn.Module):
@@ -177,7 +211,7 @@ class DiffusionPrior(nn.Module):
         steps: Optional[int] = None,
         guidance_scale: float = 1.0,
         candidates: Optional[int] = None,
-        sampler: Literal["ddim", "ddpm"] = "ddim",
+        sampler: Sampler = "ddim",
         generator: Optional[torch.Generator] = None,
         progress: Optional[Callable[[SampleStep], None]] = None,
     ) -> torch.Tensor:
@@ -190,6 +224,8 @@ class DiffusionPrior(nn.Module):
 
         model = self.net if guidance_scale == 1.0 else ClassifierFreeGuidance(self.net, guidance_scale, ("drop_text",))
         process = self.diffusion.respace(steps or self.config.diffusion.sample_steps)
+        # The caption's part of the network, once per caption (not per step, not per candidate).
+        caption = {name: repeat(value) for name, value in self.net.encode_caption(text_embed, text_hidden, text_mask).items()}
         x0 = process.sample(
             model,
             (n * candidates, dim),
@@ -197,9 +233,7 @@ class DiffusionPrior(nn.Module):
             progress=progress,
             generator=generator,
             device=text_embed.device,
-            text_embed=repeat(text_embed),
-            text_hidden=repeat(text_hidden),
-            text_mask=repeat(text_mask),
+            **caption,
         )
         embeds = rearrange(self.denormalize(x0), "(n c) d -> n c d", c=candidates)
         # Paper: keep the candidate with the higher dot product with the text embedding

@@ -1,9 +1,11 @@
 """Samplers of a :class:`~dalle2.diffusion.GaussianDiffusion`, as generators that yield every step.
 
-Both samplers share one loop (:func:`_progressive`): predict x_0, take one update, paste the
+All samplers share one loop (:func:`_progressive`): predict x_0, take one update, paste the
 known region (inpainting), yield a :class:`SampleStep`. They differ only in the update: DDPM's
-ancestral step (Ho et al. 2020, Algorithm 2) or DDIM's (Song et al. 2020, eq. 12). They are
-bound as methods of ``GaussianDiffusion``; call them as ``diffusion.ddim_sample_progressive(...)``.
+ancestral step (Ho et al. 2020, Algorithm 2), DDIM's (Song et al. 2020, eq. 12), or the
+second-order multistep DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2), which
+reaches DDIM's quality in fewer network evaluations. They are bound as methods of
+``GaussianDiffusion``; call them as ``diffusion.ddim_sample_progressive(...)``.
 Guidance and respacing are not here: they wrap the model (``ClassifierFreeGuidance``) and the
 process (``GaussianDiffusion.respace``).
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Literal, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -22,6 +24,10 @@ if TYPE_CHECKING:
 
 # update(x_t, x0, t [N], i) -> x_{t-1}: the sampler-specific part of one step.
 Update = Callable[[Tensor, Tensor, Tensor, int], Tensor]
+# The samplers by name (k-diffusion's name for DPM-Solver++(2M)): what stage options, the CLI and
+# the HTTP API accept.
+Sampler = Literal["ddim", "ddpm", "dpmpp_2m"]
+SAMPLERS: tuple[str, ...] = ("ddim", "ddpm", "dpmpp_2m")
 
 
 @dataclass(frozen=True)
@@ -166,6 +172,61 @@ def ddim_sample_progressive(
         if sigma > 0:
             x_prev = x_prev + sigma * gaussian_noise(x.shape, generator, x.device, x.dtype)
         return x_prev
+
+    return _progressive(
+        diffusion, model, shape, update, noise=noise, generator=generator, clip_x0=clip_x0, known=known, project_x0=project_x0,
+        device=device, cond=cond,
+    )  # fmt: skip
+
+
+def dpmpp_2m_sample_progressive(
+    diffusion: GaussianDiffusion,
+    model: Callable[..., Tensor],
+    shape: Sequence[int],
+    *,
+    noise: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    clip_x0: Optional[float] = None,
+    known: Optional[tuple[Tensor, Tensor]] = None,
+    project_x0: Optional[Callable[[Tensor], Tensor]] = None,
+    device=None,
+    **cond,
+) -> Iterator[SampleStep]:
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
+    Probabilistic Models", Algorithm 2): a second-order multistep solver of the probability-flow
+    ODE in data prediction, deterministic given the noise. With alpha = sqrt(abar), sigma =
+    sqrt(1 - abar), lambda = log(alpha / sigma) and h_i = lambda_{i-1} - lambda_i,
+
+        x_{i-1} = (sigma_{i-1} / sigma_i) x_i - alpha_{i-1} (exp(-h_i) - 1) D_i,
+        D_i = (1 + 1 / (2 r_i)) x0_i - 1 / (2 r_i) x0_{i+1},   r_i = h_{i+1} / h_i,
+
+    with D = x0_i at the first step (DDIM's update, eta = 0: the first-order solver is DDIM) and
+    at the last, where sigma = 0 and the ODE ends on the prediction itself. Data prediction is
+    what makes clipping, ``project_x0`` and large guidance scales stable (paper, sec. 4).
+
+    It works on whatever process it is given, so respacing decides the timesteps (evenly spaced
+    in t). ``known`` pastes the known region after every step as the other samplers do; the
+    solver's history then holds predictions made from the pasted samples, which is an
+    approximation (RePaint's resampling assumes a stochastic sampler). Other arguments as
+    :func:`ddpm_sample_progressive`.
+    """
+    previous: dict[str, object] = {}  # the last step's x_0 prediction and its h
+
+    def log_snr(abar: float) -> float:  # lambda = log(alpha / sigma) = log(abar / (1 - abar)) / 2
+        return 0.5 * (math.log(abar) - math.log1p(-abar))
+
+    def update(x: Tensor, x0: Tensor, t: Tensor, i: int) -> Tensor:
+        abar, abar_next = float(diffusion.alphas_cumprod[i]), float(diffusion.alphas_cumprod_prev[i])
+        if abar_next >= 1.0:  # the last step: sigma = 0, lambda = inf, the sample is the prediction
+            return x0
+        h = log_snr(abar_next) - log_snr(abar)
+        data = x0
+        if "x0" in previous and i > 1:
+            r = float(previous["h"]) / h
+            data = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * previous["x0"]
+        previous.update(x0=x0, h=h)
+        sigma_ratio = math.sqrt((1 - abar_next) / (1 - abar))
+        return sigma_ratio * x - math.sqrt(abar_next) * math.expm1(-h) * data
 
     return _progressive(
         diffusion, model, shape, update, noise=noise, generator=generator, clip_x0=clip_x0, known=known, project_x0=project_x0,

@@ -20,6 +20,7 @@ deployment has one replica in both throughput runs, so only batching differs.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import statistics
 import tempfile
@@ -38,7 +39,7 @@ class BenchSettings:
     bundles: Optional[str] = None
     port: int = 8123
     size: int = 64
-    prior_steps: Optional[int] = None  # None: each model's own default (its config's sample_steps)
+    prior_steps: Optional[int] = None  # None: the API's default (dalle2.pipeline.GenerationOptions)
     decoder_steps: Optional[int] = None
     upsampler_steps: Optional[int] = None
     latency_requests: int = 10
@@ -137,9 +138,14 @@ def in_process_times(settings: BenchSettings, bundles: str) -> list[float]:
 
     torch.set_num_threads(1)  # as a replica with a fraction of a CPU (Ray: OMP_NUM_THREADS=1)
     pipe = UnCLIP.from_bundles(bundles)
+    defaults = GenerationOptions()  # what the HTTP API uses for the fields the body leaves out
+
+    def stage(default: StageOptions, steps) -> StageOptions:
+        return dataclasses.replace(default, steps=default.steps if steps is None else steps)
+
     options = GenerationOptions(
-        n=1, seed=0, size=settings.size, prior=StageOptions(settings.prior_steps, 1.0),
-        decoder=StageOptions(settings.decoder_steps, 3.0), upsampler=StageOptions(settings.upsampler_steps),
+        n=1, seed=0, size=settings.size, prior=stage(defaults.prior, settings.prior_steps),
+        decoder=stage(defaults.decoder, settings.decoder_steps), upsampler=stage(defaults.upsampler, settings.upsampler_steps),
     )  # fmt: skip
     prompt = settings.body(0)["prompt"]
     text_to_image(pipe, [prompt], options)  # warm-up

@@ -5,7 +5,9 @@
     POST /v1/images/edits         multipart  image, mask, prompt, n, size, response_format, user
 
 Our extras, in JSON or as form fields: ``seed`` and, per stage, ``prior_steps``,
-``prior_guidance_scale``, ``decoder_steps``, ``decoder_guidance_scale``, ``upsampler_steps``.
+``prior_guidance_scale``, ``prior_sampler``, ``decoder_steps``, ``decoder_guidance_scale``,
+``decoder_sampler``, ``upsampler_steps``, ``upsampler_sampler`` (``dpmpp_2m``, ``ddim`` or ``ddpm``);
+a stage's missing fields take ``dalle2.pipeline.GenerationOptions``' defaults.
 Each check raises :class:`~serve.http_errors.ApiError` naming the offending field (``param``).
 
 Documented handling, as the library's: images of any mode are converted to RGB; a non-square
@@ -38,10 +40,13 @@ MAX_IMAGE_SIDE = 4096  # a 4 MB PNG of one colour can hold a huge image: refuse 
 MAX_SEED = 2**63 - 1
 
 COMMON_FIELDS = {"n", "size", "response_format", "user", "model", "seed"}
-STAGE_FIELDS = {"prior_steps", "prior_guidance_scale", "decoder_steps", "decoder_guidance_scale", "upsampler_steps"}
+STAGE_FIELDS = {
+    "prior_steps", "prior_guidance_scale", "prior_sampler", "decoder_steps", "decoder_guidance_scale", "decoder_sampler",
+    "upsampler_steps", "upsampler_sampler",
+}  # fmt: skip
 FIELDS = {
     "generation": COMMON_FIELDS | STAGE_FIELDS | {"prompt"},
-    "variation": COMMON_FIELDS | {"decoder_steps", "decoder_guidance_scale", "upsampler_steps", "image"},
+    "variation": COMMON_FIELDS | {"decoder_steps", "decoder_guidance_scale", "upsampler_steps", "decoder_sampler", "upsampler_sampler", "image"},
     "edit": COMMON_FIELDS | STAGE_FIELDS | {"prompt", "image", "mask"},
 }
 RequestKind = Literal["generation", "variation", "edit"]
@@ -183,7 +188,10 @@ def _options(fields: _Fields, sizes: Sequence[int]) -> GenerationOptions:
     def stage(name: str, default: StageOptions) -> StageOptions:
         steps = fields.integer(f"{name}_steps", 1, 1000)
         guidance = fields.number(f"{name}_guidance_scale") if f"{name}_guidance_scale" in STAGE_FIELDS else None
-        return StageOptions(steps, default.guidance_scale if guidance is None else guidance)
+        sampler = fields.text(f"{name}_sampler")
+        return StageOptions(
+            default.steps if steps is None else steps, default.guidance_scale if guidance is None else guidance, sampler or default.sampler
+        )
 
     n = fields.integer("n", 1, MAX_IMAGES)
     seed = fields.integer("seed", 0, MAX_SEED)

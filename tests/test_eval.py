@@ -18,7 +18,7 @@ from dalle2.data import shapes, storage
 from dalle2.data.preprocess import in_validation, preprocess_batch, to_model_images
 from dalle2.data.schema import read_dataset
 from dalle2.eval import metrics
-from dalle2.eval.run import EvalSettings, Steps, read_held_out, run_eval
+from dalle2.eval.run import EvalSettings, Samplers, Steps, read_held_out, run_eval, stage_options
 from dalle2.eval.shapes_checker import read_attributes
 from dalle2.factory import create_model
 
@@ -147,6 +147,19 @@ def test_clip_score_prior_cosine_and_retrieval_golden():
     assert scores["text_to_image_top1"] == pytest.approx(2 / 3)
     assert scores["text_to_image_top1_same_labels"] == 1.0
     assert scores["chance_top1"] == pytest.approx(1 / 3)
+
+
+def test_samplers_parse_and_stage_options_fall_back_to_generates_defaults():
+    from dalle2.pipeline import GenerationOptions
+
+    assert Samplers.parse("") == Samplers()
+    assert Samplers.parse("ddim") == Samplers("ddim", "ddim", "ddim")
+    assert Samplers.parse("prior=ddpm, decoder=dpmpp_2m") == Samplers(prior="ddpm", decoder="dpmpp_2m")
+    with pytest.raises(ValueError, match="bad sampler"):
+        Samplers.parse("decoder=euler")
+    defaults = GenerationOptions()
+    assert stage_options("decoder", Steps(), Samplers(), 3.0) == defaults.decoder
+    assert stage_options("prior", Steps(prior=7), Samplers(prior="ddim"), 1.0).__dict__ == {"steps": 7, "guidance_scale": 1.0, "sampler": "ddim"}
 
 
 def test_steps_parse():

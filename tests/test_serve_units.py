@@ -13,7 +13,7 @@ from PIL import Image
 from dalle2.clip import TextEncoding
 from dalle2.factory import create_model
 from dalle2.images import InvalidInput
-from dalle2.pipeline import StageOptions, decode, encode_prompts, sample_image_embeds, upsample
+from dalle2.pipeline import DEFAULT_DECODER, DEFAULT_PRIOR, StageOptions, decode, encode_prompts, sample_image_embeds, upsample
 from serve.api_keys import API_KEYS_ENV, is_authorized, load_api_keys
 from serve.diffusion_stages import _PriorOnSharedNet
 from serve.http_errors import INTERNAL_ERROR_MESSAGE, ApiError, api_error_from
@@ -51,7 +51,9 @@ def test_a_generation_request_becomes_options():
     )
     options = request.options
     assert (request.prompt, request.response_format, options.n, options.size, options.seed) == ("a red circle", "url", 3, 64, 5)
-    assert options.decoder == StageOptions(7, 2.5) and options.prior == StageOptions(None, 1.0)
+    assert options.decoder == StageOptions(7, 2.5, DEFAULT_DECODER.sampler) and options.prior == DEFAULT_PRIOR
+    chosen = parse_generation(_generation(prior_sampler="ddim", upsampler_sampler="ddpm"), "application/json", SIZES).options
+    assert (chosen.prior.sampler, chosen.decoder.sampler, chosen.upsampler.sampler) == ("ddim", DEFAULT_DECODER.sampler, "ddpm")
     defaults = parse_generation(_generation(), "application/json", SIZES)
     assert defaults.options.size == 128 and defaults.options.n == 1 and defaults.response_format == "b64_json"
     assert isinstance(defaults.options.seed, int)  # drawn, so that the response can say which
@@ -74,6 +76,7 @@ def test_a_generation_request_becomes_options():
         (_generation(response_format="jpeg"), "application/json", "response_format"),
         (_generation(decoder_steps=0), "application/json", "decoder_steps"),
         (_generation(prior_guidance_scale=99), "application/json", "prior_guidance_scale"),
+        (_generation(decoder_sampler="euler"), "application/json", "decoder_sampler"),
         (_generation(steps=5), "application/json", "steps"),
         (_generation(model="dall-e-3"), "application/json", "model"),
         (_generation(seed=-1), "application/json", "seed"),

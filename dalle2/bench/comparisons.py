@@ -6,6 +6,10 @@
    :func:`dalle2.pipeline.text_to_image` against diffusers' ``UnCLIPPipeline``; target: ours >= 2x
    faster. The peer pipeline always runs a super-resolution stage; it is a minimal UNet here and
    the time spent in it is left out of the peer's figure.
+3. Text -> 64x64 image at each side's defaults (issue 23): ours at ``dalle2 generate``'s stage
+   options (DPM-Solver++(2M) at the steps chosen by measurement, README "Fewer steps") against
+   ``UnCLIPPipeline`` at its own defaults (25 prior + 25 decoder steps of its UnCLIPScheduler);
+   guidance on in both at the peer's scales, so only steps and samplers differ; target >= 2x.
 
 Both are timed in alternating rounds (:func:`dalle2.bench.timing.interleaved`) and compared by
 medians, with the same resolution, batch and number of steps, and parameter counts within 10%
@@ -118,7 +122,12 @@ def _forward_time(module: torch.nn.Module) -> Callable[[], Excluded]:
     return take
 
 
-def compare_text_to_image(settings: BenchSettings, match: Match) -> dict:
+PEER_DEFAULT_STEPS = 25  # UnCLIPPipeline.__call__'s prior_num_inference_steps and decoder_num_inference_steps
+
+
+def compare_text_to_image(settings: BenchSettings, match: Match, at_defaults: bool = False) -> dict:
+    """Equal steps (``settings.sample_steps``, DDIM for us), or with ``at_defaults`` each side's
+    default steps and sampler (ours: :data:`dalle2.pipeline.GenerationOptions`')."""
     from diffusers.utils import logging as diffusers_logging
 
     from dalle2.factory import create_model, load_config
@@ -141,6 +150,13 @@ def compare_text_to_image(settings: BenchSettings, match: Match) -> dict:
     options = GenerationOptions(
         n=1, seed=settings.seed, prior=StageOptions(steps, PRIOR_GUIDANCE), decoder=StageOptions(steps, DECODER_GUIDANCE)
     )
+    if at_defaults:
+        steps, ours = PEER_DEFAULT_STEPS, GenerationOptions()
+        options = dataclasses.replace(
+            options, prior=dataclasses.replace(ours.prior, guidance_scale=PRIOR_GUIDANCE),
+            decoder=dataclasses.replace(ours.decoder, guidance_scale=DECODER_GUIDANCE),
+        )  # fmt: skip
+    our_steps = f"{options.prior.steps} prior + {options.decoder.steps} decoder {options.decoder.sampler} steps"
 
     def run_ours() -> None:
         produced = text_to_image(ours, prompts, options)
@@ -160,8 +176,9 @@ def compare_text_to_image(settings: BenchSettings, match: Match) -> dict:
     our_config = {"clip": to_dict(clip_config), "prior": to_dict(prior_config), "decoder": to_dict(decoder_config)}
     n = len(prompts)
     result = {
-        "what": f"text -> {size}x{size} image, {n} prompts, {steps} prior + {steps} decoder steps, guidance "
-        f"{PRIOR_GUIDANCE} (prior) and {DECODER_GUIDANCE} (decoder), PIL output",
+        "what": f"text -> {size}x{size} image, {n} prompts, "
+        + (f"ours {our_steps} vs the peer's defaults ({steps} + {steps} steps)" if at_defaults else f"{steps} prior + {steps} decoder steps")
+        + f", guidance {PRIOR_GUIDANCE} (prior) and {DECODER_GUIDANCE} (decoder), PIL output",
         "peer_name": f"{_version('diffusers')} UnCLIPPipeline, {_version('transformers')} (random init, no downloads)",
         "match": match,
         "ours": _side(sum(our_counts.values()), n, samples["ours"], our_config, parameters_by_stage=our_counts),
@@ -178,12 +195,14 @@ def compare_text_to_image(settings: BenchSettings, match: Match) -> dict:
 
 
 def run_comparisons(settings: BenchSettings, matches: Sequence[Match], log: Callable[[str], None]) -> dict:
-    comparisons: dict[str, dict] = {"decoder_train": {}, "text_to_image": {}}
+    comparisons: dict[str, dict] = {"decoder_train": {}, "text_to_image": {}, "text_to_image_defaults": {}}
     for match in matches:
         log(f"bench: decoder training vs dalle2-pytorch (match {match}) ...")
         comparisons["decoder_train"][match] = compare_decoder_training(settings, match)
         log(f"bench: text -> image vs diffusers UnCLIPPipeline (match {match}) ...")
         comparisons["text_to_image"][match] = compare_text_to_image(settings, match)
+        log(f"bench: text -> image at each side's defaults vs diffusers UnCLIPPipeline (match {match}) ...")
+        comparisons["text_to_image_defaults"][match] = compare_text_to_image(settings, match, at_defaults=True)
     return comparisons
 
 

@@ -1,6 +1,7 @@
 """``dalle2 eval``: score a cascade of bundles on a dataset's held-out rows (see :mod:`.run`).
 
     dalle2 eval --bundles DIR --data URI [--out DIR] [--count N] [--steps N|prior=N,decoder=N,upsampler=N]
+                [--sampler NAME|prior=NAME,decoder=NAME,upsampler=NAME]
                 [--seed S] [--validation-fraction F] [--decode-from prior|image] [--free-upsampling] [--json]
 """
 
@@ -12,11 +13,11 @@ import sys
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from dalle2.eval.run import EvalSettings, Steps, run_eval, summary
+    from dalle2.eval.run import EvalSettings, Samplers, Steps, run_eval, summary
 
     settings = EvalSettings(
         bundles=args.bundles, data=args.data, out=args.out, count=args.count, steps=Steps.parse(args.steps),
-        seed=args.seed, validation_fraction=args.validation_fraction, split=args.split, prior_guidance=args.prior_guidance,
+        samplers=Samplers.parse(args.sampler), seed=args.seed, validation_fraction=args.validation_fraction, split=args.split, prior_guidance=args.prior_guidance,
         decoder_guidance=args.decoder_guidance, batch_size=args.batch_size, device=args.device,
         decode_from=args.decode_from, low_res_consistency=not args.free_upsampling,
         precision=None if args.precision == "auto" else args.precision,
@@ -35,7 +36,11 @@ def add_eval_commands(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", required=True, help="dataset folder or Parquet file: path, file:// or s3://")
     parser.add_argument("--out", default="eval", help="folder for report.json and the PNG grids (default ./eval)")
     parser.add_argument("--count", type=int, default=128, help="held-out rows to score (default 128)")
-    parser.add_argument("--steps", default="", help="sampling steps: N for every stage, or prior=N,decoder=N,upsampler=N (default: each model's own)")
+    parser.add_argument("--steps", default="", help="sampling steps: N for every stage, or prior=N,decoder=N,upsampler=N (default: dalle2 generate's)")
+    parser.add_argument(
+        "--sampler", default="",
+        help="sampler: dpmpp_2m, ddim or ddpm for every stage, or prior=NAME,decoder=NAME,upsampler=NAME (default: dalle2 generate's)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--validation-fraction", type=float, default=0.05, help="the training jobs' data.validation_fraction (default 0.05)")
     parser.add_argument(

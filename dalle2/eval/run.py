@@ -41,8 +41,9 @@ from dalle2.data.shapes import LABEL_COLUMNS
 from dalle2.eval import metrics
 from dalle2.eval.shapes_checker import read_attributes
 from dalle2.images import png_bytes, tensor_to_images
+from dalle2.pipeline import GenerationOptions, StageOptions, UnCLIP, decode, load_bundles, sample_image_embeds, upsample
 from dalle2.precision import inference_precision, resolve_precision
-from dalle2.pipeline import StageOptions, UnCLIP, decode, load_bundles, sample_image_embeds, upsample
+from dalle2.sampling import SAMPLERS
 from dalle2.train.samples import image_grid, similarity_image
 
 REPORT_VERSION = 1
@@ -58,9 +59,43 @@ SIMILARITY_ROWS = 32  # clip_similarity.png: the first rows' caption x image cos
 Progress = Callable[[str], None]
 
 
+STAGES = ("prior", "decoder", "upsampler")
+
+
+def _per_stage(text: str, convert: Callable[[str], Any], what: str, example: str) -> dict[str, Any]:
+    """``"V"`` (every stage) or ``"prior=V,decoder=V,upsampler=V"`` (any subset) -> {stage: value}."""
+    if not text.strip():
+        return {}
+    try:
+        if "=" not in text:
+            value = convert(text.strip())
+            return {stage: value for stage in STAGES}
+        values = {}
+        for part in text.split(","):
+            name, _, value = part.partition("=")
+            if name.strip() not in STAGES:
+                raise ValueError(name)
+            values[name.strip()] = convert(value.strip())
+        return values
+    except ValueError:
+        raise ValueError(f"bad {what} {text!r}: give {example}, or prior={example},decoder={example},upsampler={example}") from None
+
+
+def _steps_number(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError(text)
+    return int(text)
+
+
+def _sampler_name(text: str) -> str:
+    if text not in SAMPLERS:
+        raise ValueError(text)
+    return text
+
+
 @dataclass(frozen=True)
 class Steps:
-    """Sampling steps per diffusion stage; None = the model config's own sample_steps."""
+    """Sampling steps per diffusion stage; None = dalle2 generate's default (dalle2.pipeline.GenerationOptions)."""
 
     prior: Optional[int] = None
     decoder: Optional[int] = None
@@ -69,19 +104,28 @@ class Steps:
     @classmethod
     def parse(cls, text: str) -> "Steps":
         """``"25"`` (every stage) or ``"prior=16,decoder=25,upsampler=10"`` (any subset)."""
-        if not text.strip():
-            return cls()
-        if text.strip().isdigit():
-            n = int(text)
-            return cls(n, n, n)
-        values = {}
-        for part in text.split(","):
-            name, _, number = part.partition("=")
-            name = name.strip()
-            if name not in ("prior", "decoder", "upsampler") or not number.strip().isdigit():
-                raise ValueError(f"bad steps {text!r}: give N, or prior=N,decoder=N,upsampler=N")
-            values[name] = int(number)
-        return cls(**values)
+        return cls(**_per_stage(text, _steps_number, "steps", "N"))
+
+
+@dataclass(frozen=True)
+class Samplers:
+    """Sampler per diffusion stage (dalle2.sampling.SAMPLERS); None = dalle2 generate's default."""
+
+    prior: Optional[str] = None
+    decoder: Optional[str] = None
+    upsampler: Optional[str] = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Samplers":
+        """``"dpmpp_2m"`` (every stage) or ``"prior=ddim,decoder=dpmpp_2m"`` (any subset)."""
+        return cls(**_per_stage(text, _sampler_name, "sampler", "|".join(SAMPLERS)))
+
+
+def stage_options(name: str, steps: Steps, samplers: Samplers, guidance: float) -> StageOptions:
+    """A stage's options: what was asked, else dalle2 generate's default for the stage."""
+    default = getattr(GenerationOptions(), name)
+    asked_steps, asked_sampler = getattr(steps, name), getattr(samplers, name)
+    return StageOptions(default.steps if asked_steps is None else asked_steps, guidance, asked_sampler or default.sampler)
 
 
 @dataclass(frozen=True)
@@ -91,6 +135,7 @@ class EvalSettings:
     out: str = "eval"  # where report.json and the PNGs go
     count: int = 128  # held-out rows to score (fewer if the split has fewer)
     steps: Steps = field(default_factory=Steps)
+    samplers: Samplers = field(default_factory=Samplers)
     seed: int = 0
     validation_fraction: float = 0.05  # must be the training jobs' (data.validation_fraction)
     # "validation": rows no model was trained on; "train": rows they were (to tell generalisation
@@ -245,8 +290,8 @@ def _generate(pipe: UnCLIP, rows: HeldOut, embeds: torch.Tensor, settings: EvalS
     """Images [N, 3, S, S] in [-1, 1] from the held-out captions, through the decoder and the
     upsamplers, with the pipeline's stage functions; one generator, seeded, for all batches."""
     generator = torch.Generator(device=pipe.device).manual_seed(settings.seed + 1)
-    decoder_options = StageOptions(settings.steps.decoder, settings.decoder_guidance)
-    upsampler_options = StageOptions(settings.steps.upsampler, 1.0)
+    decoder_options = stage_options("decoder", settings.steps, settings.samplers, settings.decoder_guidance)
+    upsampler_options = stage_options("upsampler", settings.steps, settings.samplers, 1.0)
     images = []
     for part in _batches(len(rows), settings.batch_size):
         decoded = decode(pipe.decoder, embeds[part].to(pipe.device), rows.tokens[part].to(pipe.device), decoder_options, generator)
@@ -297,7 +342,12 @@ def _run_eval(settings: EvalSettings, progress: Optional[Progress]) -> dict[str,
     label_tuples = [tuple(l.values()) for l in rows.labels] if rows.labels is not None else None
     report: dict[str, Any] = {
         "version": REPORT_VERSION,
-        "settings": {**dataclasses.asdict(settings), "steps": dataclasses.asdict(settings.steps)},
+        "settings": {
+            **dataclasses.asdict(settings),
+            # what each stage ran with, defaults resolved
+            "stages": {name: dataclasses.asdict(stage_options(name, settings.steps, settings.samplers, guidance))
+                       for name, guidance in (("prior", settings.prior_guidance), ("decoder", settings.decoder_guidance), ("upsampler", 1.0))},
+        },
         "bundles": [{"kind": b.kind, "metadata": b.metadata} for b in stages],
         "data": {
             "uri": settings.data, "held_out_rows": len(rows), "validation_fraction": settings.validation_fraction, "split": settings.split,
@@ -319,7 +369,7 @@ def _run_eval(settings: EvalSettings, progress: Optional[Progress]) -> dict[str,
     if prior_bundle is not None:
         prior = prior_bundle.model
         generator = torch.Generator(device=settings.device).manual_seed(settings.seed)
-        options = StageOptions(settings.steps.prior, settings.prior_guidance)
+        options = stage_options("prior", settings.steps, settings.samplers, settings.prior_guidance)
         predicted = torch.cat([
             sample_image_embeds(prior, _text_rows(text, part, settings.device), options, generator).float().cpu()
             for part in _batches(len(rows), settings.batch_size)
