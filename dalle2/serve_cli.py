@@ -90,7 +90,8 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     settings = BenchSettings(
         bundles=args.bundles, port=args.port, size=args.size, prior_steps=args.steps, decoder_steps=args.steps,
         upsampler_steps=args.steps, latency_requests=args.latency_requests, throughput_requests=args.throughput_requests,
-        load_requests=args.load_requests,
+        load_requests=args.load_requests, overload_clients=args.overload_clients, overload_limit=args.overload_limit,
+        overload_s=args.overload_seconds, runs=tuple(args.runs.split(",")),
     )  # fmt: skip
     # Ray's own messages (raylet warnings) go to stderr with the progress, so stdout is the figures alone.
     with contextlib.redirect_stdout(sys.stderr):
@@ -101,7 +102,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 
 def add_serve_benchmark(bench_commands: argparse._SubParsersAction) -> None:
     """Register ``serve`` under the CLI's ``dalle2 bench`` group (``dalle2 bench serve``)."""
-    bench = bench_commands.add_parser("serve", help="latency, throughput (batching on/off) and load of the served graph")
+    bench = bench_commands.add_parser("serve", help="latency, throughput (batching on/off), load and overload of the served graph")
     bench.add_argument("--bundles", default=None, help="a cascade folder (default: random tiny bundles)")
     bench.add_argument("--port", type=int, default=8123)
     bench.add_argument("--size", type=int, default=64)
@@ -109,6 +110,10 @@ def add_serve_benchmark(bench_commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--latency-requests", type=int, default=10)
     bench.add_argument("--throughput-requests", type=int, default=64)
     bench.add_argument("--load-requests", type=int, default=200)
+    bench.add_argument("--overload-clients", type=int, default=64)
+    bench.add_argument("--overload-limit", type=int, default=8, help="image requests the ingress admits and each stage queues")
+    bench.add_argument("--overload-seconds", type=float, default=60.0)
+    bench.add_argument("--runs", default="latency,throughput,load,overload", help="which runs, comma-separated")
     bench.add_argument("--json", action="store_true", help="the figures as JSON")
     bench.set_defaults(func=cmd_bench_serve)
 

@@ -265,9 +265,7 @@ class Ingress:
             return _error_response(api_error)
 
     async def _readiness(self) -> Response:
-        from ray.serve.context import get_replica_context
-
-        app = get_replica_context().app_name
+        app = serve.get_replica_context().app_name
         try:
             status = await asyncio.wait_for(asyncio.to_thread(serve.status), 5.0)
             deployments = status.applications[app].deployments
