@@ -256,3 +256,24 @@ def test_image_urls_live_their_ttl_or_answer_gone():
     (first,) = store.put([bytes(700_000)])
     store.put([bytes(700_000)])  # no room for both: the oldest goes, and says so
     assert store.get(first)[0] == "gone" and store.stats()["dropped_early"] == 1
+
+
+# --------------------------------------------------------------------------- the shipped configs
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "config.gpu.yaml"])
+def test_the_shipped_configs_bound_every_queue_and_time(name):
+    import os
+
+    from serve.app import AppArgs, read_serve_config
+
+    config = read_serve_config(os.path.join(os.path.dirname(__file__), "..", "serve", name))
+    application = config["applications"][0]
+    for entry in application["deployments"]:
+        assert entry.get("max_queued_requests", -1) > 0, f"{name}: {entry['name']} queues without bound"
+    args = AppArgs.model_validate({**application["args"], "bundles": None}).ingress_settings()
+    # The proxy's cut comes after the longest deadline, so the ingress answers first (504, OpenAI's shape).
+    assert config["http_options"]["request_timeout_s"] > args.deadline.max_s
+    ingress = next(entry for entry in application["deployments"] if entry["name"] == "Ingress")
+    assert ingress["max_ongoing_requests"] >= 2 * args.max_image_requests  # room for /healthz beside the image requests
+    assert "api_keys_file" not in application["args"] and not args.allow_unauthenticated  # keys from the environment
