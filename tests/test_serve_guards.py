@@ -170,8 +170,8 @@ def test_512_is_the_1024_image_brought_down():
 
 
 def test_a_wedged_lockstep_batch_fails_the_health_check():
-    release = threading.Event()
-    health = StageHealth(probe=lambda: None, stall_s=0.3)
+    release, now = threading.Event(), [0.0]
+    health = StageHealth(probe=lambda: None, stall_s=30, clock=lambda: now[0])  # a clock the test moves
 
     def network(x, t):
         return x
@@ -186,9 +186,10 @@ def test_a_wedged_lockstep_batch_fails_the_health_check():
     async def scenario():
         health.batch_started()
         batch = asyncio.ensure_future(run_in_lockstep(network, ["ok", "wedged"], sample, on_forward=health.forward_done))
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.2)
+        now[0] = 20.0
         await health.check()  # still within the stall budget
-        await asyncio.sleep(0.5)
+        now[0] = 31.0  # no forward ran meanwhile: the round waits for the wedged loop
         with pytest.raises(Unhealthy, match="wedged"):
             await health.check()
         release.set()
