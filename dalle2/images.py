@@ -24,14 +24,32 @@ class InvalidInput(ValueError):
         self.param = param
 
 
-def open_image(data: bytes | Image.Image, param: str = "image") -> Image.Image:
+# The formats an upload may be in, decoded by Pillow's own pure plugins only: ``Image.open``
+# with no ``formats`` tries every plugin, and some hand the bytes to other programs (EPS starts
+# Ghostscript where it is installed) or parse rarely used, complex formats (TIFF, GIF, PSD...).
+UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")
+MAX_IMAGE_SIDE = 4096  # a 4 MB PNG of one colour can hold a huge image: refuse before decoding it
+
+
+def open_image(
+    data: bytes | Image.Image, param: str = "image", formats: Sequence[str] = UPLOAD_FORMATS, max_side: int = MAX_IMAGE_SIDE
+) -> Image.Image:
+    """Decode image bytes of one of ``formats``; the size is read from the header and checked
+    against ``max_side`` before any pixel is decoded (a decompression bomb is refused unread)."""
     if isinstance(data, Image.Image):
         return data
+    names = ", ".join(formats[:-1]) + (f" or {formats[-1]}" if len(formats) > 1 else formats[0])
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=list(formats))  # reads the header only
+    except Exception:
+        raise InvalidInput(f"could not decode the image: send a {names} file", param) from None
+    width, height = image.size
+    if max(width, height) > max_side:
+        raise InvalidInput(f"the image is {width}x{height}; sides of at most {max_side} pixels are accepted", param)
+    try:
         image.load()
     except Exception:
-        raise InvalidInput("could not decode the image: send a PNG, JPEG or WebP file", param) from None
+        raise InvalidInput(f"could not decode the image: send a {names} file", param) from None
     return image
 
 

@@ -29,13 +29,20 @@ def _check_port_free(host: str, port: int) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from serve.app import DEFAULT_CONFIG, app_from_config, bundle_uris, AppArgs, read_serve_config
 
+    from serve.api_keys import load_api_keys, require_keys_or_consent
+
     config = read_serve_config(args.config or DEFAULT_CONFIG)
     app_args = {"bundles": args.bundles}
     if args.api_keys_file:
         app_args["api_keys_file"] = args.api_keys_file
-    # Fail here, before starting Ray, on what can be checked here.
-    bundle_uris(AppArgs.model_validate({**(config["applications"][0].get("args") or {}), **app_args}))
+    if args.insecure_no_auth:
+        app_args["allow_unauthenticated"] = True
+    # Fail here, before starting Ray, on what can be checked here (the ingress checks keys again).
+    merged = AppArgs.model_validate({**(config["applications"][0].get("args") or {}), **app_args})
+    bundle_uris(merged)
+    require_keys_or_consent(load_api_keys(merged.api_keys_file), args.host, merged.allow_unauthenticated)
     _check_port_free(args.host, args.port)
+    http_options = {**(config.get("http_options") or {}), "host": args.host, "port": args.port}
 
     import ray
     from ray import serve
@@ -43,7 +50,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # "local": a new cluster of our own, never one another `ray start` left on this machine.
     ray.init(address=args.address or "local", include_dashboard=False)
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.start(http_options=http_options)
         serve.run(app_from_config(config, app_args), name=SERVE_APP_NAME, route_prefix="/", blocking=False)
         print(f"dalle2: serving {args.bundles} at http://{args.host}:{args.port}/ (OpenAI Images API under /v1; Ctrl-C stops)", flush=True)
         while True:
@@ -68,6 +75,8 @@ def add_serve_commands(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
     serve.add_argument("--config", default=None, help="a serve config YAML for replicas and resources (default: serve/config.yaml)")
     serve.add_argument("--api-keys-file", default=None, help="require one of these keys (one per line) as a Bearer token")
+    serve.add_argument("--insecure-no-auth", action="store_true",
+                       help="serve without API keys on a non-loopback --host (refused otherwise: keys fail closed)")  # fmt: skip
     serve.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="a running Ray cluster to join, or auto (default: start one)")
     serve.set_defaults(func=cmd_serve)
 
@@ -81,7 +90,8 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     settings = BenchSettings(
         bundles=args.bundles, port=args.port, size=args.size, prior_steps=args.steps, decoder_steps=args.steps,
         upsampler_steps=args.steps, latency_requests=args.latency_requests, throughput_requests=args.throughput_requests,
-        load_requests=args.load_requests,
+        load_requests=args.load_requests, overload_clients=args.overload_clients, overload_limit=args.overload_limit,
+        overload_s=args.overload_seconds, runs=tuple(args.runs.split(",")),
     )  # fmt: skip
     # Ray's own messages (raylet warnings) go to stderr with the progress, so stdout is the figures alone.
     with contextlib.redirect_stdout(sys.stderr):
@@ -92,7 +102,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 
 def add_serve_benchmark(bench_commands: argparse._SubParsersAction) -> None:
     """Register ``serve`` under the CLI's ``dalle2 bench`` group (``dalle2 bench serve``)."""
-    bench = bench_commands.add_parser("serve", help="latency, throughput (batching on/off) and load of the served graph")
+    bench = bench_commands.add_parser("serve", help="latency, throughput (batching on/off), load and overload of the served graph")
     bench.add_argument("--bundles", default=None, help="a cascade folder (default: random tiny bundles)")
     bench.add_argument("--port", type=int, default=8123)
     bench.add_argument("--size", type=int, default=64)
@@ -100,6 +110,10 @@ def add_serve_benchmark(bench_commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--latency-requests", type=int, default=10)
     bench.add_argument("--throughput-requests", type=int, default=64)
     bench.add_argument("--load-requests", type=int, default=200)
+    bench.add_argument("--overload-clients", type=int, default=64)
+    bench.add_argument("--overload-limit", type=int, default=8, help="image requests the ingress admits and each stage queues")
+    bench.add_argument("--overload-seconds", type=float, default=60.0)
+    bench.add_argument("--runs", default="latency,throughput,load,overload", help="which runs, comma-separated")
     bench.add_argument("--json", action="store_true", help="the figures as JSON")
     bench.set_defaults(func=cmd_bench_serve)
 

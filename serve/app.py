@@ -10,7 +10,10 @@
     bundles: a folder (local or s3://) whose subfolders are bundles (clip, prior, decoder,
              upsamplers), as ``dalle2 export`` writes them and ``UnCLIP.from_bundles`` reads
     clip / prior / decoder / upsampler_256 / upsampler_1024: one bundle each, overriding the folder
-    api_keys_file, url_ttl_s, url_store_megabytes: see serve.api_keys and serve.image_store
+    api_keys_file, allow_unauthenticated, admin_keys_file: see serve.api_keys (keys fail closed)
+    url_ttl_s, url_store_megabytes: see serve.image_store
+    deadline_s (fixed) or deadline_base_s + deadline_per_step_s x steps (at most deadline_max_s),
+    body_timeout_s, max_image_requests, rate_limit_per_minute, rate_limit_burst: see serve.admission
 
 Deployment names (what a config's ``deployments:`` list refers to): Ingress, TextEncoder,
 ImageEncoder, Prior, Decoder, Upsampler256, Upsampler1024, ImageStore; the upsamplers and the
@@ -31,10 +34,12 @@ from pydantic import BaseModel, ConfigDict
 from ray.serve import Application
 
 from dalle2.bundle import read_bundle_header
+from dalle2.clip import open_clip_dims
 from dalle2.data.storage import list_files, relative_path
 from serve.diffusion_stages import Decoder, Prior, Upsampler
 from serve.encoders import ImageEncoder, TextEncoder
 from serve.image_store import ImageStore
+from serve.admission import DeadlinePolicy
 from serve.ingress import Ingress, IngressSettings, Stages
 
 BUNDLES_ENV = "DALLE2_BUNDLES"  # for `serve.app:app` (serve build / serve run without a config)
@@ -55,8 +60,32 @@ class AppArgs(BaseModel):
     upsampler_256: Optional[str] = None
     upsampler_1024: Optional[str] = None
     api_keys_file: Optional[str] = None
+    allow_unauthenticated: bool = False
+    admin_keys_file: Optional[str] = None
     url_ttl_s: float = 3600.0
     url_store_megabytes: float = 256.0
+    deadline_s: Optional[float] = None
+    deadline_base_s: float = DeadlinePolicy.base_s
+    deadline_per_step_s: float = DeadlinePolicy.per_step_s
+    deadline_max_s: float = DeadlinePolicy.max_s
+    body_timeout_s: float = IngressSettings.body_timeout_s
+    max_image_requests: int = IngressSettings.max_image_requests
+    retry_after_s: float = IngressSettings.retry_after_s
+    rate_limit_per_minute: Optional[float] = None
+    rate_limit_burst: int = IngressSettings.rate_limit_burst
+
+    def ingress_settings(self) -> IngressSettings:
+        return IngressSettings(
+            api_keys_file=self.api_keys_file and _absolute(self.api_keys_file),
+            allow_unauthenticated=self.allow_unauthenticated,
+            admin_keys_file=self.admin_keys_file and _absolute(self.admin_keys_file),
+            deadline=DeadlinePolicy(self.deadline_s, self.deadline_base_s, self.deadline_per_step_s, self.deadline_max_s),
+            body_timeout_s=self.body_timeout_s,
+            max_image_requests=self.max_image_requests,
+            retry_after_s=self.retry_after_s,
+            rate_limit_per_minute=self.rate_limit_per_minute,
+            rate_limit_burst=self.rate_limit_burst,
+        )
 
 
 def _absolute(uri: str) -> str:
@@ -102,6 +131,18 @@ def cascade_sizes(uris: dict[str, str]) -> tuple[int, list[tuple[str, int]]]:
     return base, upsamplers
 
 
+def default_steps(uris: dict[str, str], upsamplers: list[tuple[str, int]]) -> dict[str, int]:
+    """Each diffusion stage's own sampling steps (a request's deadline is sized from them)."""
+    steps = {kind: read_bundle_header(uris[kind])["config"]["diffusion"]["sample_steps"] for kind in ("prior", "decoder") if kind in uris}
+    steps.update({f"upsampler_{size}": read_bundle_header(uris[kind])["config"]["diffusion"]["sample_steps"] for kind, size in upsamplers})
+    return steps
+
+
+def clip_input_size(uri: str) -> int:
+    config = read_bundle_header(uri)["config"]
+    return int(config.get("image_size") or open_clip_dims(config["model_name"])["image_size"])
+
+
 def build_graph(args: AppArgs | dict[str, Any], deployment_options: Optional[dict[str, dict]] = None) -> Application:
     """The bound application; ``deployment_options`` ({deployment name: Deployment.options kwargs})
     is what a config file's ``deployments:`` list says, for callers that run it with serve.run."""
@@ -121,8 +162,10 @@ def build_graph(args: AppArgs | dict[str, Any], deployment_options: Optional[dic
         upsamplers=[(size, bind(Upsampler, UPSAMPLER_DEPLOYMENTS[kind], uris[kind])) for kind, size in upsamplers],
         image_store=bind(ImageStore, "ImageStore", args.url_ttl_s, args.url_store_megabytes),
         base_size=base_size,
+        clip_input_size=clip_input_size(uris["clip"]),
+        default_steps=default_steps(uris, upsamplers),
     )
-    app = bind(Ingress, "Ingress", stages, IngressSettings(api_keys_file=args.api_keys_file and _absolute(args.api_keys_file)))
+    app = bind(Ingress, "Ingress", stages, args.ingress_settings())
     if options:
         raise ValueError(f"options for deployments this app does not have: {sorted(options)}")
     return app

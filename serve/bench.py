@@ -11,6 +11,10 @@ in-process, in one run on this machine (a benchmark, not a test: nothing here as
                 compute-bound already at batch 1, so it stays near 1x; on a GPU it is many x)
     load        200 requests from 32 concurrent clients: each answered with images or a clean
                 429/503, none lost or hung, every replica alive afterwards
+    overload    64 clients against a queue limit of 8 (the ingress admits 8 image requests, every
+                stage queues at most 8): every request ends 200, or 503/429 with Retry-After (the
+                client then waits that long), within its deadline; none hangs; ``/healthz`` is
+                probed every 50 ms meanwhile (target: p99 under 100 ms)
 
 The app runs on a local Ray cluster that this command starts, with the given bundles or, without
 ``--bundles``, randomly initialised tiny ones (speed does not depend on the weights). Every model
@@ -47,11 +51,16 @@ class BenchSettings:
     throughput_requests: int = 64
     load_requests: int = 200
     load_clients: int = 32
+    overload_clients: int = 64
+    overload_limit: int = 8
+    overload_s: float = 60.0
+    runs: tuple[str, ...] = ("latency", "throughput", "load", "overload")
     timeout_s: float = 300.0
 
     def body(self, seed: int) -> dict[str, Any]:
         steps = {"prior_steps": self.prior_steps, "decoder_steps": self.decoder_steps, "upsampler_steps": self.upsampler_steps}
-        body = {"prompt": "a red circle at the top left", "n": 1, "size": f"{self.size}x{self.size}", "seed": seed}
+        body = {"prompt": "a red circle at the top left", "n": 1, "size": f"{self.size}x{self.size}", "seed": seed,
+                "response_format": "b64_json"}  # fmt: skip
         return {**body, **{name: value for name, value in steps.items() if value is not None}}
 
 
@@ -111,12 +120,12 @@ def _deployment_options(config: dict, batching: bool) -> dict:
     return config
 
 
-def _deploy(config: dict, bundles: str) -> None:
+def _deploy(config: dict, bundles: str, **args: Any) -> None:
     from ray import serve
 
     from serve.app import app_from_config
 
-    serve.run(app_from_config(config, {"bundles": bundles}), name=APP, route_prefix="/", blocking=False)
+    serve.run(app_from_config(config, {"bundles": bundles, **args}), name=APP, route_prefix="/", blocking=False)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -248,6 +257,81 @@ def measure_load(settings: BenchSettings) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _overload_options(config: dict, limit: int) -> dict:
+    """The shipped config with every model stage queueing at most ``limit`` requests."""
+    config = copy.deepcopy(config)
+    for entry in config["applications"][0]["deployments"]:
+        if entry["name"] in MODEL_DEPLOYMENTS:
+            entry["max_queued_requests"] = limit
+    return config
+
+
+def measure_overload(settings: BenchSettings, deadline_s: float) -> dict[str, Any]:
+    """``overload_clients`` clients for ``overload_s`` seconds against a queue limit of
+    ``overload_limit``, and a ``/healthz`` probe every 50 ms meanwhile."""
+    import requests
+
+    outcomes: dict[str, int] = {}
+    slowest, healthz, lock, stop = [0.0], [], threading.Lock(), threading.Event()
+    seeds = iter(range(10**9))
+
+    def client() -> None:
+        session = requests.Session()
+        while not stop.is_set():
+            with lock:
+                seed = next(seeds)
+            started = time.perf_counter()
+            try:
+                response = session.post(f"http://127.0.0.1:{settings.port}/v1/images/generations", json=settings.body(seed), timeout=settings.timeout_s)
+                retry = response.headers.get("Retry-After")
+                if response.status_code == 200:
+                    key = "200 image"
+                elif response.status_code in (429, 503) and retry and "error" in response.json():
+                    key = f"{response.status_code} with Retry-After"
+                else:
+                    key = f"{response.status_code} other"
+            except Exception as error:  # a hang cut by the client's timeout, a dropped connection
+                key, retry = f"lost ({type(error).__name__})", None
+            elapsed = time.perf_counter() - started
+            with lock:
+                outcomes[key] = outcomes.get(key, 0) + 1
+                slowest[0] = max(slowest[0], elapsed)
+            if retry:
+                stop.wait(float(retry))  # as a well-behaved client: come back when told
+
+    def probe(into: list, until: threading.Event) -> None:
+        while not until.is_set():
+            started = time.perf_counter()
+            try:
+                ok = requests.get(f"http://127.0.0.1:{settings.port}/healthz", timeout=30).status_code == 200
+            except Exception:
+                ok = False
+            into.append(time.perf_counter() - started if ok else float("inf"))
+            until.wait(0.05)
+
+    # The baseline: /healthz on the same app, same machine, just before the overload, no load.
+    idle, idle_done = [], threading.Event()
+    threading.Timer(min(15.0, settings.overload_s), idle_done.set).start()
+    probe(idle, idle_done)
+    with ThreadPoolExecutor(settings.overload_clients + 1) as pool:
+        futures = [pool.submit(client) for _ in range(settings.overload_clients)] + [pool.submit(probe, healthz, stop)]
+        time.sleep(settings.overload_s)
+        stop.set()
+        for future in futures:
+            future.result()
+    total = sum(outcomes.values())
+    clean = sum(n for key, n in outcomes.items() if key == "200 image" or key.endswith("with Retry-After"))
+    return {
+        "clients": settings.overload_clients, "queue_limit": settings.overload_limit, "seconds": settings.overload_s,
+        "requests": total, "outcomes": outcomes, "all_clean": clean == total, "slowest_request_s": slowest[0],
+        # the ingress answers at the deadline; the answer then needs its HTTP trip back (1 s allowed)
+        "deadline_s": deadline_s, "within_deadline": slowest[0] <= deadline_s + 1.0,
+        "healthz_idle_p50_ms": 1000 * _percentile(idle, 0.5), "healthz_idle_p99_ms": 1000 * _percentile(idle, 0.99),
+        "healthz_probes": len(healthz), "healthz_p50_ms": 1000 * _percentile(healthz, 0.5),
+        "healthz_p99_ms": 1000 * _percentile(healthz, 0.99), "healthz_max_ms": 1000 * max(healthz),
+    }  # fmt: skip
+
+
 def run(settings: BenchSettings, progress: Callable[[str], None] = print) -> dict[str, Any]:
     import ray
     import torch
@@ -258,48 +342,87 @@ def run(settings: BenchSettings, progress: Callable[[str], None] = print) -> dic
     with tempfile.TemporaryDirectory(prefix="dalle2-bench-") as scratch:
         bundles = settings.bundles or write_tiny_bundles(os.path.join(scratch, "bundles"))
         config = read_serve_config()
-        progress("decoder forward per image, batch 1 vs batched (the ceiling of batching here)...")
-        ceiling = batching_ceiling(bundles, settings.clients)
+        result: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "cuda": torch.cuda.is_available()}, "settings": settings.__dict__}
         # Our own cluster (never another one on this machine), its workers' logs kept out of the figures.
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
         try:
-            serve.start(http_options={"host": "127.0.0.1", "port": settings.port})
-            progress("starting the app (batching on)...")
-            _deploy(_deployment_options(config, batching=True), bundles)
-            progress("latency: HTTP vs in-process...")
-            latency = measure_latency(settings, bundles)
-            progress(f"throughput, batching on ({settings.clients} clients)...")
-            batched = measure_throughput(settings)
-            progress("redeploying with batching off...")
-            _deploy(_deployment_options(config, batching=False), bundles)
-            unbatched = measure_throughput(settings)
-            progress(f"load: {settings.load_requests} requests from {settings.load_clients} clients (shipped config)...")
-            _deploy(config, bundles)
-            load = measure_load(settings)
+            serve.start(http_options={**(config.get("http_options") or {}), "host": "127.0.0.1", "port": settings.port})
+            if "latency" in settings.runs or "throughput" in settings.runs:
+                progress("starting the app (batching on)...")
+                _deploy(_deployment_options(config, batching=True), bundles)
+            if "latency" in settings.runs:
+                progress("latency: HTTP vs in-process...")
+                result["latency"] = measure_latency(settings, bundles)
+            if "throughput" in settings.runs:
+                progress("decoder forward per image, batch 1 vs batched (the ceiling of batching here)...")
+                ceiling = batching_ceiling(bundles, settings.clients)
+                progress(f"throughput, batching on ({settings.clients} clients)...")
+                batched = measure_throughput(settings)
+                progress("redeploying with batching off...")
+                _deploy(_deployment_options(config, batching=False), bundles)
+                unbatched = measure_throughput(settings)
+                speedup = batched["images_per_s"] / max(unbatched["images_per_s"], 1e-9)
+                result["throughput"] = {"batching_on": batched, "batching_off": unbatched, "speedup": speedup, "ceiling": ceiling}
+            if "load" in settings.runs:
+                progress(f"load: {settings.load_requests} requests from {settings.load_clients} clients (shipped config)...")
+                _deploy(config, bundles)
+                result["load"] = measure_load(settings)
+            if "overload" in settings.runs:
+                from serve.app import AppArgs
+
+                progress(f"overload: {settings.overload_clients} clients, queue limit {settings.overload_limit}, {settings.overload_s:.0f} s...")
+                _deploy(_overload_options(config, settings.overload_limit), bundles, max_image_requests=settings.overload_limit)
+                args = AppArgs.model_validate({**(config["applications"][0].get("args") or {}), "bundles": bundles})
+                steps = _request_steps(settings, bundles)
+                result["overload"] = measure_overload(settings, args.ingress_settings().deadline.deadline_s(steps))
         finally:
             serve.shutdown()
             ray.shutdown()
-    return {
-        "machine": {"cpus": os.cpu_count(), "cuda": torch.cuda.is_available()},
-        "settings": settings.__dict__,
-        "latency": latency,
-        "throughput": {"batching_on": batched, "batching_off": unbatched, "speedup": batched["images_per_s"] / max(unbatched["images_per_s"], 1e-9), "ceiling": ceiling},
-        "load": load,
-    }
+    return result
+
+
+def _request_steps(settings: BenchSettings, bundles: str) -> int:
+    """The diffusion steps one bench request runs (its deadline is sized from them)."""
+    from serve.app import AppArgs, bundle_uris, cascade_sizes, default_steps
+
+    uris = bundle_uris(AppArgs(bundles=bundles))
+    _, upsamplers = cascade_sizes(uris)
+    defaults = default_steps(uris, upsamplers)
+    steps = (settings.prior_steps or defaults["prior"]) + (settings.decoder_steps or defaults["decoder"])
+    return steps + sum(settings.upsampler_steps or defaults[f"upsampler_{size}"] for _, size in upsamplers if size <= settings.size)
 
 
 def summary(result: dict[str, Any]) -> str:
-    latency, throughput, load = result["latency"], result["throughput"], result["load"]
-    return "\n".join(
-        [
+    lines = []
+    if "latency" in result:
+        latency = result["latency"]
+        lines.append(
             f"latency     in-process p50 {latency['in_process_p50_s'] * 1000:.0f} ms, HTTP p50 {latency['http_p50_s'] * 1000:.0f} ms"
             f" (p95 {latency['http_p95_s'] * 1000:.0f} ms, of which in the stages {latency['http_time_in_stages_p50_s'] * 1000:.0f} ms):"
-            f" {latency['ratio']:.2f}x (target <= 1.10x)",
+            f" {latency['ratio']:.2f}x (target <= 1.10x)"
+        )
+    if "throughput" in result:
+        throughput = result["throughput"]
+        lines += [
             f"throughput  batching on {throughput['batching_on']['images_per_s']:.2f} images/s, off "
             f"{throughput['batching_off']['images_per_s']:.2f} images/s: {throughput['speedup']:.2f}x (target >= 2x)",
             f"ceiling     decoder forward per image, batch 1 vs {result['settings']['clients']}: {throughput['ceiling']['ratio']:.2f}x"
             " (the most that sharing forward passes can give on this machine)",
-            f"load        {load['requests']} requests / {load['clients']} clients in {load['wall_s']:.0f} s: {load['outcomes']};"
-            f" all answered cleanly: {load['all_answered_cleanly']}; unhealthy after: {load['unhealthy_deployments'] or 'none'}",
         ]
-    )
+    if "load" in result:
+        load = result["load"]
+        lines.append(
+            f"load        {load['requests']} requests / {load['clients']} clients in {load['wall_s']:.0f} s: {load['outcomes']};"
+            f" all answered cleanly: {load['all_answered_cleanly']}; unhealthy after: {load['unhealthy_deployments'] or 'none'}"
+        )
+    if "overload" in result:
+        over = result["overload"]
+        lines.append(
+            f"overload    {over['clients']} clients, queue limit {over['queue_limit']}, {over['seconds']:.0f} s: {over['requests']} requests"
+            f" {over['outcomes']}; all clean: {over['all_clean']}; slowest {over['slowest_request_s']:.1f} s (deadline"
+            f" {over['deadline_s']:.0f} s); /healthz p50 {over['healthz_p50_ms']:.0f} ms, p99 {over['healthz_p99_ms']:.0f} ms,"
+            f" max {over['healthz_max_ms']:.0f} ms over {over['healthz_probes']} probes (target p99 < 100 ms; idle just before:"
+            f" p50 {over['healthz_idle_p50_ms']:.0f} ms, p99 {over['healthz_idle_p99_ms']:.0f} ms)"
+        )
+    return "\n".join(lines)
+

@@ -9,15 +9,18 @@ larger forward), and its seed replays it.
 
 from __future__ import annotations
 
+from threading import Event
+
+import torch
 from ray import serve
 
 from dalle2.clip import TextEncoding
 from dalle2.images import edit_mask, image_to_tensor
-from dalle2.pipeline import decode, sample_image_embeds, upsample
+from dalle2.pipeline import StageOptions, decode, sample_image_embeds, upsample
 from dalle2.prior import DiffusionPrior
 from serve.lockstep import SharedForward
 from serve.messages import DiffusionJob, EncodedText, Latents, Pixels, PriorJob, stage_generator
-from serve.model_stage import ModelStage, batched, raise_if_error
+from serve.model_stage import ModelStage, batched
 
 
 class _PriorOnSharedNet:
@@ -37,7 +40,7 @@ class _PriorOnSharedNet:
 
 
 def _images_of(items) -> int:
-    return sum(upstream.images.shape[0] for upstream, _ in items)
+    return sum(upstream.images.shape[0] for upstream, _, _ in items)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=16)
@@ -46,15 +49,20 @@ class Prior(ModelStage):
 
     kind, stage, batched_method = "prior", "prior", "_sample_batch"
 
-    async def sample(self, text: EncodedText, job: PriorJob) -> Latents:
-        return raise_if_error(await self._sample_batch((text, job)))
+    @torch.no_grad()
+    def probe(self) -> None:
+        self.model.sample(torch.zeros(1, self.model.config.embed_dim, device=self.device), steps=1, candidates=1,
+                          generator=torch.Generator().manual_seed(0))  # fmt: skip
 
-    @batched(batch_size_fn=lambda items: sum(job.draws for _, job in items))
-    async def _sample_batch(self, items: list[tuple[EncodedText, PriorJob]]) -> list[Latents | Exception]:
+    async def sample(self, text: EncodedText, job: PriorJob) -> Latents:
+        return await self.submit(self._sample_batch, text, job)
+
+    @batched(batch_size_fn=lambda items: sum(job.draws for _, job, _ in items))
+    async def _sample_batch(self, items: list[tuple[EncodedText, PriorJob, Event]]) -> list[Latents | Exception]:
         return await self.run_batch(self.model.net, items, self._sample_one)
 
-    def _sample_one(self, net: SharedForward, item: tuple[EncodedText, PriorJob]) -> Latents:
-        encoded, job = item
+    def _sample_one(self, net: SharedForward, item: tuple[EncodedText, PriorJob, Event]) -> Latents:
+        encoded, job, _ = item
         generator = stage_generator(job.seed, None)  # the prior is the first stage that draws noise
         text = encoded.text
         rows = TextEncoding(*(x.to(self.device).repeat_interleave(job.draws, dim=0) for x in (text.embed, text.hidden, text.mask)))
@@ -74,15 +82,19 @@ class Decoder(ModelStage):
 
     kind, stage, batched_method = "decoder", "decoder", "_decode_batch"
 
-    async def decode(self, latents: Latents, job: DiffusionJob) -> Pixels:
-        return raise_if_error(await self._decode_batch((latents, job)))
+    def probe(self) -> None:
+        embeds = torch.zeros(1, self.model.config.embed_dim, device=self.device)
+        decode(self.model, embeds, None, StageOptions(1, 1.0), torch.Generator().manual_seed(0))
 
-    @batched(batch_size_fn=lambda items: sum(latents.image_embeds.shape[0] for latents, _ in items))
-    async def _decode_batch(self, items: list[tuple[Latents, DiffusionJob]]) -> list[Pixels | Exception]:
+    async def decode(self, latents: Latents, job: DiffusionJob) -> Pixels:
+        return await self.submit(self._decode_batch, latents, job)
+
+    @batched(batch_size_fn=lambda items: sum(latents.image_embeds.shape[0] for latents, _, _ in items))
+    async def _decode_batch(self, items: list[tuple[Latents, DiffusionJob, Event]]) -> list[Pixels | Exception]:
         return await self.run_batch(self.model, items, self._decode_one)
 
-    def _decode_one(self, decoder: SharedForward, item: tuple[Latents, DiffusionJob]) -> Pixels:
-        latents, job = item
+    def _decode_one(self, decoder: SharedForward, item: tuple[Latents, DiffusionJob, Event]) -> Pixels:
+        latents, job, _ = item
         generator = stage_generator(job.seed, latents.rng_state)
         embeds = latents.image_embeds.to(self.device)
         tokens = None if latents.text_tokens is None else latents.text_tokens.to(self.device)
@@ -104,19 +116,23 @@ class Upsampler(ModelStage):
 
     kind, stage, batched_method = "upsampler", "upsampler", "_upsample_batch"
 
-    def __init__(self, bundle_uri: str):
-        super().__init__(bundle_uri)
-        self.stage = f"upsampler_{self.model.config.image_size}"
+    def stage_name(self) -> str:
+        return f"upsampler_{self.model.config.image_size}"
+
+    def probe(self) -> None:
+        config = self.model.config
+        low = torch.zeros(1, 3, config.low_res, config.low_res, device=self.device)
+        upsample([self.model], low, config.image_size, StageOptions(1, 1.0), torch.Generator().manual_seed(0))
 
     async def upsample(self, pixels: Pixels, job: DiffusionJob) -> Pixels:
-        return raise_if_error(await self._upsample_batch((pixels, job)))
+        return await self.submit(self._upsample_batch, pixels, job)
 
     @batched(batch_size_fn=_images_of)
-    async def _upsample_batch(self, items: list[tuple[Pixels, DiffusionJob]]) -> list[Pixels | Exception]:
+    async def _upsample_batch(self, items: list[tuple[Pixels, DiffusionJob, Event]]) -> list[Pixels | Exception]:
         return await self.run_batch(self.model, items, self._upsample_one)
 
-    def _upsample_one(self, upsampler: SharedForward, item: tuple[Pixels, DiffusionJob]) -> Pixels:
-        pixels, job = item
+    def _upsample_one(self, upsampler: SharedForward, item: tuple[Pixels, DiffusionJob, Event]) -> Pixels:
+        pixels, job, _ = item
         generator = stage_generator(job.seed, pixels.rng_state)
         size = self.model.config.image_size
         images = upsample([upsampler], pixels.images.to(self.device), size, job.options, generator)

@@ -30,6 +30,10 @@ def _row(tensor: torch.Tensor, i: int) -> torch.Tensor:
 class TextEncoder(ModelStage):
     kind, stage, batched_method = "clip", "text_encoder", "_encode_batch"
 
+    @torch.no_grad()
+    def probe(self) -> None:
+        encode_prompts(self.model, ["health check"])
+
     async def encode(self, prompt: str) -> EncodedText:
         return raise_if_error(await self._encode_batch(prompt))
 
@@ -53,6 +57,10 @@ class ImageEncoder(ModelStage):
 
     kind, stage, batched_method = "clip", "image_encoder", "_encode_batch"
 
+    @torch.no_grad()
+    def probe(self) -> None:
+        size = self.model.config.image_size
+        self.model.encode_image(torch.zeros(1, 3, size, size, device=self.device))
     async def encode(self, image: Image.Image, copies: int = 1) -> Latents:
         return raise_if_error(await self._encode_batch((image, copies)))
 

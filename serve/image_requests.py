@@ -4,6 +4,14 @@
     POST /v1/images/variations    multipart  image, n, size, response_format, user
     POST /v1/images/edits         multipart  image, mask, prompt, n, size, response_format, user
 
+OpenAI's ``quality: "standard"`` is accepted (``hd`` is a dall-e-3 option, refused as OpenAI does
+for dall-e-2, and so is ``style``). The default ``response_format`` is ``url``, as OpenAI's.
+
+Uploads: PNG, JPEG or WebP only (``dalle2.images.UPLOAD_FORMATS``; EPS, TIFF, GIF... are refused
+before any decoder runs), at most 4 MB (400 ``image_too_large``, as OpenAI) and 4096 pixels a side
+(read from the header, before decoding). They are brought down here, at the ingress, to the size
+the cascade uses them at, so the stages are never sent a full-size upload.
+
 Our extras, in JSON or as form fields: ``seed`` and, per stage, ``prior_steps``,
 ``prior_guidance_scale``, ``prior_sampler``, ``decoder_steps``, ``decoder_guidance_scale``,
 ``decoder_sampler``, ``upsampler_steps``, ``upsampler_sampler`` (``dpmpp_2m``, ``ddim`` or ``ddpm``);
@@ -18,7 +26,6 @@ OpenAI's edits endpoint does. Unknown fields are refused, so a typo (``steps``) 
 
 from __future__ import annotations
 
-import io
 import json
 import secrets
 from dataclasses import dataclass
@@ -26,9 +33,9 @@ from typing import Any, Literal, Optional, Sequence
 
 from PIL import Image
 
-from dalle2.images import InvalidInput, open_image
+from dalle2.images import MAX_IMAGE_SIDE, InvalidInput, center_square, open_image, to_rgb
 from dalle2.pipeline import MAX_IMAGES, GenerationOptions, StageOptions, check_options
-from serve.http_errors import ApiError, bad_request, too_large
+from serve.http_errors import ApiError, bad_request
 
 ResponseFormat = Literal["b64_json", "url"]
 RESPONSE_FORMATS: tuple[str, ...] = ("b64_json", "url")
@@ -36,10 +43,9 @@ MODEL_ID = "dalle2"
 MODEL_NAMES = (MODEL_ID, "dall-e-2")  # clients written for OpenAI may name its model
 MAX_PROMPT_CHARS = 1000  # OpenAI's limit for dall-e-2
 MAX_UPLOAD_BYTES = 4 * 1024 * 1024  # OpenAI's limit per uploaded image
-MAX_IMAGE_SIDE = 4096  # a 4 MB PNG of one colour can hold a huge image: refuse before decoding it
 MAX_SEED = 2**63 - 1
 
-COMMON_FIELDS = {"n", "size", "response_format", "user", "model", "seed"}
+COMMON_FIELDS = {"n", "size", "response_format", "user", "model", "seed", "quality", "style"}
 STAGE_FIELDS = {
     "prior_steps", "prior_guidance_scale", "prior_sampler", "decoder_steps", "decoder_guidance_scale", "decoder_sampler",
     "upsampler_steps", "upsampler_sampler",
@@ -67,8 +73,9 @@ class ImageRequest:
     options: GenerationOptions  # seed and size always set
     response_format: ResponseFormat
     prompt: Optional[str] = None
-    image: Optional[Image.Image] = None  # variations, edits (RGB or RGBA as uploaded)
-    mask: Optional[Image.Image] = None  # edits: transparent = repaint
+    # variations: RGB at CLIP's input size; edits: square at the size the cascade runs to
+    image: Optional[Image.Image] = None
+    mask: Optional[Image.Image] = None  # edits: "L" at the image's size, 0 = repaint
     user: Optional[str] = None
 
     @property
@@ -77,10 +84,21 @@ class ImageRequest:
 
 
 @dataclass(frozen=True)
-class _Sizes:
-    """What :func:`dalle2.pipeline.check_options` needs of a cascade: the sizes it reaches."""
+class ServedSizes:
+    """The sizes a cascade reaches and the sizes it serves: those, plus 512 when it reaches 1024
+    (OpenAI's dall-e-2 sizes are 256, 512 and 1024; 512 is the 1024 image brought down)."""
 
-    sizes: Sequence[int]
+    cascade: tuple[int, ...]
+    clip_input: int  # the CLIP image size (variations' uploads are reduced to it)
+
+    @property
+    def sizes(self) -> list[int]:  # what dalle2.pipeline.check_options reads
+        extra = [512] if 1024 in self.cascade and 512 not in self.cascade else []
+        return sorted(set(self.cascade) | set(extra))
+
+    def run_to(self, size: int) -> int:
+        """The cascade size a request for ``size`` runs to (the smallest at least as large)."""
+        return min(s for s in self.cascade if s >= size)
 
 
 class _Fields:
@@ -165,24 +183,23 @@ def parse_size(value: Optional[str], sizes: Sequence[int]) -> Optional[int]:
     return int(width)
 
 
+def image_too_large(name: str, size: int) -> ApiError:
+    # OpenAI answers an oversize upload 400 (its clients raise BadRequestError), not 413.
+    return bad_request(f"Uploaded image must be a PNG and less than 4 MB ('{name}' is {size} bytes).", name, "image_too_large")
+
+
 def read_image(upload: Upload, name: str) -> Image.Image:
-    """Decode an uploaded image, refusing oversized files and images before decoding them."""
+    """Decode an uploaded image of an accepted format, refusing oversized files and images
+    before decoding them."""
     if len(upload.data) > MAX_UPLOAD_BYTES:
-        raise too_large(f"'{name}' is {len(upload.data)} bytes; images must be less than 4 MB", name)
+        raise image_too_large(name, len(upload.data))
     try:
-        with Image.open(io.BytesIO(upload.data)) as header:  # reads the header only
-            width, height = header.size
-    except Exception:
-        raise bad_request(f"'{name}' is not an image: send a PNG, JPEG or WebP file", name) from None
-    if max(width, height) > MAX_IMAGE_SIDE:
-        raise bad_request(f"'{name}' is {width}x{height}; sides of at most {MAX_IMAGE_SIDE} pixels are accepted", name)
-    try:
-        return open_image(upload.data, name)
+        return open_image(upload.data, name, max_side=MAX_IMAGE_SIDE)
     except InvalidInput as error:
-        raise bad_request(str(error), name) from None
+        raise bad_request(f"'{name}': {error}", name) from None
 
 
-def _options(fields: _Fields, sizes: Sequence[int]) -> GenerationOptions:
+def _options(fields: _Fields, served: ServedSizes) -> GenerationOptions:
     defaults = GenerationOptions()
 
     def stage(name: str, default: StageOptions) -> StageOptions:
@@ -199,29 +216,34 @@ def _options(fields: _Fields, sizes: Sequence[int]) -> GenerationOptions:
         n=1 if n is None else n,
         # Every request gets a seed, so each one can be replayed (the response says which).
         seed=secrets.randbelow(2**31) if seed is None else seed,
-        size=parse_size(fields.text("size"), sizes),
+        size=parse_size(fields.text("size"), served.sizes),
         prior=stage("prior", defaults.prior),
         decoder=stage("decoder", defaults.decoder),
         upsampler=stage("upsampler", defaults.upsampler),
     )
     try:
-        size = check_options(_Sizes(sizes), options)
+        size = check_options(served, options)
     except InvalidInput as error:
         raise bad_request(str(error), error.param) from None
     return GenerationOptions(**{**options.__dict__, "size": size})
 
 
-def _common(fields: _Fields, sizes: Sequence[int]) -> dict[str, Any]:
+def _common(fields: _Fields, served: ServedSizes) -> dict[str, Any]:
     model = fields.text("model")
     if model is not None and model not in MODEL_NAMES:
         raise bad_request(f"The model '{model}' does not exist; this server serves {MODEL_ID}", "model", "model_not_found")
-    response_format = fields.text("response_format") or "b64_json"
+    quality = fields.text("quality")
+    if quality not in (None, "standard", "auto"):
+        raise bad_request(f"Invalid quality '{quality}': dall-e-2 only supports 'standard'.", "quality", "invalid_value")
+    if fields.text("style") is not None:
+        raise bad_request("The 'style' parameter is only supported for dall-e-3.", "style", "invalid_value")
+    response_format = fields.text("response_format") or "url"
     if response_format not in RESPONSE_FORMATS:
         raise bad_request(f"'{response_format}' is not one of {list(RESPONSE_FORMATS)} - 'response_format'", "response_format")
-    return {"options": _options(fields, sizes), "response_format": response_format, "user": fields.text("user")}
+    return {"options": _options(fields, served), "response_format": response_format, "user": fields.text("user")}
 
 
-def parse_generation(body: bytes, content_type: str, sizes: Sequence[int]) -> ImageRequest:
+def parse_generation(body: bytes, content_type: str, served: ServedSizes) -> ImageRequest:
     if content_type.split(";")[0].strip().lower() != "application/json":
         raise bad_request(f"Invalid Content-Type header ({content_type or 'none'}), expected application/json")
     try:
@@ -232,21 +254,26 @@ def parse_generation(body: bytes, content_type: str, sizes: Sequence[int]) -> Im
         raise bad_request("The request body must be a JSON object")
     fields = _Fields(values, from_form=False, kind="generation")
     prompt = parse_prompt(fields.text("prompt"))
-    return ImageRequest("generation", prompt=prompt, **_common(fields, sizes))
+    return ImageRequest("generation", prompt=prompt, **_common(fields, served))
 
 
-def parse_variation(form: dict[str, Any], sizes: Sequence[int]) -> ImageRequest:
+def parse_variation(form: dict[str, Any], served: ServedSizes) -> ImageRequest:
+    """Decodes the upload: call it off the event loop."""
     fields = _Fields(form, from_form=True, kind="variation")
+    common = _common(fields, served)  # cheap checks first, the decode last
     image = read_image(fields.upload("image", required=True), "image")
-    return ImageRequest("variation", image=image, **_common(fields, sizes))
+    return ImageRequest("variation", image=center_square(to_rgb(image), served.clip_input), **common)
 
 
 def _has_alpha(image: Image.Image) -> bool:
     return image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info)
 
 
-def parse_edit(form: dict[str, Any], sizes: Sequence[int]) -> ImageRequest:
+def parse_edit(form: dict[str, Any], served: ServedSizes) -> ImageRequest:
+    """Decodes the uploads: call it off the event loop."""
     fields = _Fields(form, from_form=True, kind="edit")
+    prompt = parse_prompt(fields.text("prompt"))
+    common = _common(fields, served)
     image = read_image(fields.upload("image", required=True), "image")
     mask_upload = fields.upload("mask", required=False)
     if mask_upload is not None:
@@ -257,8 +284,12 @@ def parse_edit(form: dict[str, Any], sizes: Sequence[int]) -> ImageRequest:
         raise bad_request("Send a 'mask', or an 'image' with transparency (transparent = the area to repaint)", "mask")
     if mask.size != image.size:
         raise bad_request(f"The mask is {mask.size[0]}x{mask.size[1]} but the image is {image.size[0]}x{image.size[1]}; they must match", "mask")
-    prompt = parse_prompt(fields.text("prompt"))
-    return ImageRequest("edit", prompt=prompt, image=image, mask=mask, **_common(fields, sizes))
+    # Down to the size the cascade runs to (the kept pixels are restored there): the mask as
+    # "L" (0 = repaint, OpenAI's alpha-0 rule) cut with nearest, so a kept pixel stays kept.
+    size = served.run_to(common["options"].size)
+    keep = mask.convert("RGBA").getchannel("A") if _has_alpha(mask) else mask.convert("L")
+    return ImageRequest("edit", prompt=prompt, image=center_square(to_rgb(image), size),
+                        mask=center_square(keep, size, resample=Image.Resampling.NEAREST), **common)  # fmt: skip
 
 
 def is_multipart(content_type: str) -> bool:

@@ -15,6 +15,9 @@ Requests with different step counts simply leave the round early. Classifier-fre
 (Ho & Salimans 2022) doubles each request's rows before the call, so guided and unguided requests
 also share the pass as long as their conditioning has the same keys; calls whose conditioning
 differs in keys or row shapes (a caption vs none) get one forward each per round.
+
+Cancellation: a request cancelled while its batch runs (its deadline passed, its client left)
+stops at its next forward call (:class:`RequestCancelled`), leaves the round, and the others go on.
 """
 
 from __future__ import annotations
@@ -64,6 +67,27 @@ def _signature(call: _Call) -> Hashable:
     return tuple(parts)
 
 
+class RequestCancelled(Exception):
+    """Raised in a sampling loop whose request was cancelled."""
+
+
+class _LoopForward:
+    """One loop's view of the shared forward: checks its request's cancellation before each call."""
+
+    def __init__(self, shared: "SharedForward", cancelled: Callable[[], bool]):
+        self._shared, self._cancelled = shared, cancelled
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._shared, name)
+
+    def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        if self._cancelled():
+            raise RequestCancelled("the request was cancelled")
+        return self._shared(x, t, **cond)
+
+
 class SharedForward:
     """Stands in for ``network`` in ``loops`` sampling loops that run in threads at the same time.
 
@@ -71,15 +95,16 @@ class SharedForward:
     passed wherever the library expects the module. Every loop must call :meth:`finished` when it
     ends, normally or not (:func:`run_in_lockstep` does), or the others wait for it forever."""
 
-    def __init__(self, network: Callable[..., Tensor], loops: int):
+    def __init__(self, network: Callable[..., Tensor], loops: int, on_forward: Optional[Callable[[], None]] = None):
         self.network = network
+        self.on_forward = on_forward  # told after every forward (the replica's health clock)
         self.forwards = 0  # forward passes run, for observability and tests
         self._active = loops
         self._waiting: list[_Call] = []
         self._condition = threading.Condition()
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("_") or name in ("network", "forwards"):
+        if name.startswith("_") or name in ("network", "forwards", "on_forward"):
             raise AttributeError(name)
         return getattr(self.network, name)
 
@@ -132,21 +157,26 @@ class SharedForward:
             self.forwards += 1
             for call in group:
                 call.done = True
+            if self.on_forward is not None:
+                self.on_forward()
 
 
 async def run_in_lockstep(
     network: Callable[..., Tensor],
     items: Sequence[Item],
     sample: Callable[[SharedForward, Item], Result],
+    on_forward: Optional[Callable[[], None]] = None,
+    cancelled: Optional[Callable[[Item], bool]] = None,
 ) -> tuple[list[Result | Exception], int]:
     """Run ``sample(shared, item)`` for every item, each in its own thread, sharing the forward
-    passes of ``network``. Returns each item's result, or the exception it raised (a bad request
-    fails alone), and the number of forward passes run."""
-    shared = SharedForward(network, loops=len(items))
+    passes of ``network``. Returns each item's result, or the exception it raised (a bad request,
+    a cancelled one, fails alone), and the number of forward passes run."""
+    shared = SharedForward(network, loops=len(items), on_forward=on_forward)
 
     def run(item: Item) -> Result | Exception:
         try:
-            return sample(shared, item)
+            view = shared if cancelled is None else _LoopForward(shared, lambda: cancelled(item))
+            return sample(view, item)
         except Exception as error:
             return error
         finally:

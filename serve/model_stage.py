@@ -4,19 +4,28 @@ A replica loads one bundle (local path or ``s3://``) at start. It runs on the GP
 (``ray_actor_options.num_gpus`` in the serve config), or on the CPU when Ray gave it none or
 CUDA is absent (the placement test runs on logical GPUs).
 
-Batching is set per deployment by its ``user_config`` (changeable without restarting replicas):
+Each deployment's ``user_config`` (changeable without restarting replicas) sets its
+:class:`StageSettings`; unknown keys are refused:
 
     max_batch_size        images per batch (not requests: a request for n images counts n);
                           at least 10, the most one request may ask for
     batch_wait_timeout_s  how long a batch waits for more requests after its first
+    health_stall_s, health_probe_every_s, health_probe_budget_s   see serve.health
+
+Every replica has a ``check_health`` (serve.health: a wedged batch or a probe forward that fails
+or hangs fails it, and Serve replaces the replica), and reports its batches' latency and the
+requests it holds as Ray Serve metrics (serve.metrics).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import os
+import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import ray
@@ -26,10 +35,32 @@ from ray import serve
 from dalle2.bundle import CONFIG_FILE, load_bundle, read_bundle_header
 from dalle2.data.storage import join, read_bytes
 from dalle2.pipeline import MAX_IMAGES
+from serve.health import StageHealth
 from serve.lockstep import SharedForward, run_in_lockstep
 from serve.messages import StageTiming
+from serve.metrics import StageMetrics
 
-DEFAULT_BATCH = {"max_batch_size": 16, "batch_wait_timeout_s": 0.0}
+
+@dataclass(frozen=True)
+class StageSettings:
+    """A model deployment's ``user_config``. A new per-stage option is one more field here."""
+
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.0
+    health_stall_s: float = 60.0
+    health_probe_every_s: float = 60.0
+    health_probe_budget_s: float = 10.0
+
+    @classmethod
+    def from_user_config(cls, owner: str, user_config: Optional[dict]) -> "StageSettings":
+        known = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = set(user_config or {}) - set(known)
+        if unknown:
+            raise ValueError(f"{owner}: unknown user_config keys {sorted(unknown)}; known: {sorted(known)}")
+        settings = cls(**(user_config or {}))
+        if int(settings.max_batch_size) < MAX_IMAGES:
+            raise ValueError(f"max_batch_size counts images and must be at least {MAX_IMAGES} (one request may ask for {MAX_IMAGES})")
+        return settings
 
 
 def replica_device() -> torch.device:
@@ -57,8 +88,8 @@ def bundle_description(uri: str) -> dict[str, Any]:
 def batched(batch_size_fn: Optional[Callable[[list], int]] = None) -> Callable:
     """``@serve.batch`` with the default settings (``reconfigure`` applies the config's)."""
     return serve.batch(
-        max_batch_size=DEFAULT_BATCH["max_batch_size"],
-        batch_wait_timeout_s=DEFAULT_BATCH["batch_wait_timeout_s"],
+        max_batch_size=StageSettings.max_batch_size,
+        batch_wait_timeout_s=StageSettings.batch_wait_timeout_s,
         batch_size_fn=batch_size_fn,
     )
 
@@ -72,7 +103,8 @@ def raise_if_error(result: Any) -> Any:
 
 class ModelStage:
     """Base of the model deployments. Subclasses set ``kind`` (the bundle kind they load) and
-    ``stage`` (their name in timings), and define a ``@serve.batch`` method."""
+    ``stage`` (their name in timings and metrics), define a ``@serve.batch`` method, and a
+    ``probe`` (the stage's own code on one tiny input, for the health check)."""
 
     kind: str = ""
     stage: str = ""
@@ -88,19 +120,34 @@ class ModelStage:
         context = serve.get_replica_context()
         self.deployment = context.deployment
         self.replica = context.replica_id.unique_id
-        self.batch_settings = dict(DEFAULT_BATCH)
+        self.stage = self.stage_name()
+        self.settings = StageSettings()
+        self.health = StageHealth(self.probe)
+        self.metrics = StageMetrics(self.stage)
+
+    def stage_name(self) -> str:
+        return type(self).stage
+
+    def probe(self) -> None:
+        raise NotImplementedError
 
     def reconfigure(self, user_config: Optional[dict]) -> None:
-        settings = {**DEFAULT_BATCH, **(user_config or {})}
-        unknown = set(settings) - set(DEFAULT_BATCH)
-        if unknown:
-            raise ValueError(f"{type(self).__name__}: unknown user_config keys {sorted(unknown)}; known: {sorted(DEFAULT_BATCH)}")
-        if int(settings["max_batch_size"]) < MAX_IMAGES:
-            raise ValueError(f"max_batch_size counts images and must be at least {MAX_IMAGES} (one request may ask for {MAX_IMAGES})")
+        settings = StageSettings.from_user_config(type(self).__name__, user_config)
         handler = getattr(self, self.batched_method)
-        handler.set_max_batch_size(int(settings["max_batch_size"]))
-        handler.set_batch_wait_timeout_s(float(settings["batch_wait_timeout_s"]))
-        self.batch_settings = settings
+        handler.set_max_batch_size(int(settings.max_batch_size))
+        handler.set_batch_wait_timeout_s(float(settings.batch_wait_timeout_s))
+        self.health.stall_s = settings.health_stall_s
+        self.health.probe_every_s = settings.health_probe_every_s
+        self.health.probe_budget_s = settings.health_probe_budget_s
+        self.settings = settings
+
+    @property
+    def batch_settings(self) -> dict[str, Any]:
+        return {"max_batch_size": self.settings.max_batch_size, "batch_wait_timeout_s": self.settings.batch_wait_timeout_s}
+
+    async def check_health(self) -> None:
+        """Serve's health check (see serve.health): raising marks this replica for replacement."""
+        await self.health.check()
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -114,18 +161,41 @@ class ModelStage:
             "niceness": os.nice(0),  # Ray runs workers at a lower CPU priority than drivers (15)
             "gpu_ids": [str(i) for i in ray.get_gpu_ids()],
             "batching": self.batch_settings,
+            "settings": dataclasses.asdict(self.settings),
+            "health": {"batches_running": self.health.batches_running, "last_error": self.health.last_error},
             "bundle": self.bundle,
         }
 
+    async def submit(self, batch_method: Callable, upstream: Any, job: Any) -> Any:
+        """One request through the stage's ``@serve.batch`` method as ``(upstream, job, cancel)``.
+        When the request is cancelled (the ingress's deadline, a client gone: Serve cancels this
+        call), ``cancel`` is set and its sampling loop stops at its next step (serve.lockstep)."""
+        cancel = threading.Event()
+        try:
+            return raise_if_error(await batch_method((upstream, job, cancel)))
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+
     async def run_batch(self, network: Callable, items: Sequence, sample: Callable[[SharedForward, Any], Any]) -> list:
-        """Run a diffusion stage for a batch in lockstep (one forward per step for all; see
-        serve.lockstep) and stamp each result with this stage's timing."""
+        """Run a diffusion stage for a batch of ``(upstream, job, cancel)`` in lockstep (one forward
+        per step for all; see serve.lockstep) and stamp each result with this stage's timing."""
         start = time.perf_counter()
-        results, forwards = await run_in_lockstep(network, items, sample)
+        self.health.batch_started()
+        self.metrics.change_in_flight(len(items))
+        try:
+            results, forwards = await run_in_lockstep(network, items, sample, on_forward=self.health.forward_done,
+                                                      cancelled=lambda item: item[2].is_set())  # fmt: skip
+        finally:
+            self.health.batch_ended()
+            self.metrics.change_in_flight(-len(items))
         return self.stamp(results, items, start, forwards)
 
     def stamp(self, results: list, items: Sequence, start: float, forwards: int) -> list:
-        timing = StageTiming(self.stage, self.replica, time.perf_counter() - start, len(items), forwards)
+        seconds = time.perf_counter() - start
+        self.metrics.observe(seconds)
+        self.health.forward_done()  # a finished batch is progress (the encoders' one forward)
+        timing = StageTiming(self.stage, self.replica, seconds, len(items), forwards)
         stamped = []
         for result, item in zip(results, items):
             if not isinstance(result, BaseException):

@@ -23,9 +23,10 @@ from dalle2.factory import create_model
 from dalle2.pipeline import GenerationOptions, StageOptions, UnCLIP, text_to_image
 
 API_KEY = "test-key"
+ADMIN_KEY = "test-admin-key"
 APP = "dalle2"
-FAST = {"prior_steps": 2, "decoder_steps": 2, "upsampler_steps": 2}  # a request in ~1 s
-FAST_VARIATION = {"decoder_steps": 2, "upsampler_steps": 2}  # variations have no prior stage
+FAST = {"prior_steps": 2, "decoder_steps": 2, "upsampler_steps": 2, "response_format": "b64_json"}  # a request in ~1 s
+FAST_VARIATION = {"decoder_steps": 2, "upsampler_steps": 2, "response_format": "b64_json"}  # variations have no prior stage
 TIMEOUT_S = 120  # no request may hang: each one is answered within this
 
 
@@ -72,10 +73,12 @@ def serve_app(ray_cluster, s3_server, tmp_path_factory):
     # The decoder is served from object storage: a bundle named alone overrides the folder's.
     decoder_uri = save_bundle(models["decoder"], "decoder", s3_server.uri("decoder"))
     (root / "keys").write_text(f"{API_KEY}\n")
+    (root / "admin-keys").write_text(f"{ADMIN_KEY}\n")
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = _test_config(read_serve_config())
-    app_args = {"bundles": str(root / "bundles"), "decoder": decoder_uri, "api_keys_file": str(root / "keys")}
+    app_args = {"bundles": str(root / "bundles"), "decoder": decoder_uri, "api_keys_file": str(root / "keys"),
+                "admin_keys_file": str(root / "admin-keys")}  # fmt: skip
     try:
         serve.run(app_from_config(config, app_args), name=APP, route_prefix="/", blocking=False)
         yield ServeApp(f"http://127.0.0.1:{port}", str(root / "bundles"), decoder_uri, config)
@@ -118,9 +121,9 @@ def _half_transparent_mask(size=40) -> Image.Image:
     return Image.fromarray(rgba, "RGBA")
 
 
-def _stages(response) -> dict[str, str]:
-    """Server-Timing: stage -> the replica that served it."""
-    return {stage: timing["replica"] for stage, timing in _timings(response).items()}
+def _stages(response) -> list[str]:
+    """Server-Timing: the stages that served the request, in order."""
+    return list(_timings(response))
 
 
 # --------------------------------------------------------------------------- what comes back
@@ -131,11 +134,9 @@ def test_generations_return_pngs_of_the_size_and_count_asked(serve_app, size, n)
     response = _generate(serve_app, n=n, size=f"{size}x{size}")
     images = _pngs(response)
     assert len(images) == n and all(image.size == (size, size) for image in images)
-    # The request crossed one deployment per stage, each its own replica, and only the
-    # upsamplers the size needs ran.
+    # The request crossed one deployment per stage, and only the upsamplers the size needs ran.
     expected = ["text_encoder", "prior", "decoder"] + [f"upsampler_{s}" for s in (64, 128) if s <= size]
-    stages = _stages(response)
-    assert list(stages) == expected and len(set(stages.values())) == len(expected)
+    assert _stages(response) == expected
 
 
 def test_same_seed_same_images_as_the_pipeline_in_process(serve_app):
@@ -153,12 +154,12 @@ def test_same_seed_same_images_as_the_pipeline_in_process(serve_app):
 
 
 def _timings(response) -> dict[str, dict]:
-    """Server-Timing: stage -> {replica, batch (requests in its batch), forwards (of that batch)}."""
+    """Server-Timing: stage -> {batch (requests in its batch), forwards (of that batch)}."""
     stages = {}
     for entry in response.headers["Server-Timing"].split(", "):
         name, _, desc = entry.split(";")
-        replica, batch, forwards = desc.split('"')[1].split()
-        stages[name] = {"replica": replica, "batch": int(batch.split("=")[1]), "forwards": int(forwards.split("=")[1])}
+        batch, forwards = desc.split('"')[1].split()
+        stages[name] = {"batch": int(batch.split("=")[1]), "forwards": int(forwards.split("=")[1])}
     return stages
 
 
@@ -206,24 +207,35 @@ def test_edits_keep_the_opaque_part_of_the_mask(serve_app, size):
 
 def test_url_responses_are_served_by_the_app(serve_app):
     response = _generate(serve_app, n=2, size="32x32", response_format="url")
+    default = _post(serve_app, "/v1/images/generations", json={"prompt": "a red circle", "size": "32x32", "prior_steps": 2, "decoder_steps": 2})
+    assert default.status_code == 200 and "url" in default.json()["data"][0]  # OpenAI's default
     assert response.status_code == 200, response.text
     urls = [item["url"] for item in response.json()["data"]]
     assert len(urls) == 2 and all(url.startswith(serve_app.url + "/v1/images/files/") for url in urls)
     image = requests.get(urls[0], timeout=TIMEOUT_S)  # a capability URL: no key needed
     assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+    max_age = int(image.headers["Cache-Control"].rsplit("=", 1)[1])  # what is left of the URL's TTL
+    assert 3500 < max_age <= 3600
     assert Image.open(io.BytesIO(image.content)).size == (32, 32)
     gone = requests.get(serve_app.url + "/v1/images/files/never-made.png", timeout=TIMEOUT_S)
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found"
 
 
-def test_models_report_the_live_bundles_and_replica_counts_follow_the_config(serve_app):
+def test_models_list_only_models_and_the_admin_route_reports_the_live_bundles(serve_app):
     from ray import serve
 
     response = requests.get(serve_app.url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=TIMEOUT_S)
     assert response.status_code == 200
-    (model,) = response.json()["data"]
-    assert model["sizes"] == ["32x32", "64x64", "128x128"]
-    stages = model["stages"]
+    models = response.json()["data"]
+    assert [model["id"] for model in models] == ["dalle2", "dall-e-2"]
+    assert all(set(model) == {"id", "object", "created", "owned_by", "sizes"} for model in models)  # no internals
+    assert models[0]["sizes"] == ["32x32", "64x64", "128x128"]
+    for key in (API_KEY, None):  # the API key is not an admin key
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        _assert_openai_error(requests.get(serve_app.url + "/admin/stages", headers=headers, timeout=TIMEOUT_S), 401)
+    admin = requests.get(serve_app.url + "/admin/stages", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=TIMEOUT_S)
+    assert admin.status_code == 200, admin.text
+    stages = admin.json()["stages"]
     for stage, kind in [("text_encoder", "clip"), ("prior", "prior"), ("upsampler_128", "upsampler_1024")]:
         bundle = stages[stage]["bundle"]
         assert bundle["kind"] == kind and bundle["uri"] == f"{serve_app.bundles}/{kind}" and len(bundle["fingerprint"]) == 12
@@ -238,6 +250,9 @@ def test_models_report_the_live_bundles_and_replica_counts_follow_the_config(ser
         running = deployments[entry["name"]].replica_states.get("RUNNING", 0)
         assert running == entry.get("num_replicas", 1), entry["name"]
     assert requests.get(serve_app.url + "/healthz", timeout=TIMEOUT_S).json() == {"status": "ok"}
+    ready = requests.get(serve_app.url + "/readyz", timeout=TIMEOUT_S)
+    assert ready.status_code == 200 and ready.json()["status"] == "ready", ready.text
+    assert set(ready.json()["stages"]) == {entry["name"] for entry in serve_app.config["applications"][0]["deployments"]}
     page = requests.get(serve_app.url + "/", timeout=TIMEOUT_S)
     assert page.status_code == 200 and "v1/images/generations" in page.text
 
@@ -265,7 +280,7 @@ def _bad_requests():
         ("JSON to a multipart endpoint", variations, dict(json={"n": 1}), 400, None),
         ("image that is not an image", variations, dict(files={"image": ("i.png", b"hello", "image/png")}), 400, "image"),
         ("missing image", variations, dict(files={"n": (None, "1")}), 400, "image"),
-        ("upload over 4 MB", variations, dict(files={"image": ("i.png", BIG_UPLOAD, "image/png")}), 413, "image"),
+        ("upload over 4 MB", variations, dict(files={"image": ("i.png", BIG_UPLOAD, "image/png")}), 400, "image"),  # OpenAI: 400
         ("body far over the limit", variations, dict(files={"image": ("i.png", BIG_UPLOAD * 3, "image/png")}), 413, None),
         ("mask of another size", edits, dict(files={"image": image, "mask": ("m.png", _png_file(_half_transparent_mask(20)), "image/png")},
                                               data={"prompt": "a cat"}), 400, "mask"),  # fmt: skip

@@ -17,10 +17,10 @@ from dalle2.pipeline import DEFAULT_DECODER, DEFAULT_PRIOR, StageOptions, decode
 from serve.api_keys import API_KEYS_ENV, is_authorized, load_api_keys
 from serve.diffusion_stages import _PriorOnSharedNet
 from serve.http_errors import INTERNAL_ERROR_MESSAGE, ApiError, api_error_from
-from serve.image_requests import MAX_UPLOAD_BYTES, Upload, parse_edit, parse_generation, parse_variation
+from serve.image_requests import MAX_UPLOAD_BYTES, ServedSizes, Upload, parse_edit, parse_generation, parse_variation
 from serve.lockstep import run_in_lockstep
 
-SIZES = [32, 64, 128]
+SIZES = ServedSizes((32, 64, 128), clip_input=32)
 
 
 def _png(size=(40, 40), mode="RGB", alpha_left=False) -> bytes:
@@ -55,7 +55,7 @@ def test_a_generation_request_becomes_options():
     chosen = parse_generation(_generation(prior_sampler="ddim", upsampler_sampler="ddpm"), "application/json", SIZES).options
     assert (chosen.prior.sampler, chosen.decoder.sampler, chosen.upsampler.sampler) == ("ddim", DEFAULT_DECODER.sampler, "ddpm")
     defaults = parse_generation(_generation(), "application/json", SIZES)
-    assert defaults.options.size == 128 and defaults.options.n == 1 and defaults.response_format == "b64_json"
+    assert defaults.options.size == 128 and defaults.options.n == 1 and defaults.response_format == "url"  # OpenAI's default
     assert isinstance(defaults.options.seed, int)  # drawn, so that the response can say which
 
 
@@ -94,11 +94,16 @@ def test_bad_generation_requests_name_their_field(body, content_type, param):
 
 def test_variation_and_edit_forms():
     variation = parse_variation({"image": _upload(_png((50, 30))), "n": "2", "size": "32x32"}, SIZES)
-    assert variation.image.size == (50, 30) and variation.options.n == 2  # non-square: accepted, cropped later
-    edit = parse_edit({"image": _upload(_png()), "mask": _upload(_png(alpha_left=True, mode="RGBA")), "prompt": "a cat"}, SIZES)
-    assert edit.mask.mode == "RGBA" and edit.prompt == "a cat"
+    # non-square: accepted, cropped; brought down to CLIP's input size at the ingress
+    assert variation.image.size == (32, 32) and variation.image.mode == "RGB" and variation.options.n == 2
+    edit = parse_edit({"image": _upload(_png()), "mask": _upload(_png(alpha_left=True, mode="RGBA")), "prompt": "a cat", "size": "64x64"}, SIZES)
+    # image and mask at the size the cascade runs to, the mask as "L" (0 = repaint)
+    assert edit.image.size == edit.mask.size == (64, 64) and edit.mask.mode == "L" and edit.prompt == "a cat"
+    keep = np.asarray(edit.mask)
+    assert (keep[:, :30] == 0).all() and (keep[:, 34:] == 255).all()
     own_alpha = parse_edit({"image": _upload(_png(alpha_left=True, mode="RGBA")), "prompt": "a cat"}, SIZES)
-    assert own_alpha.mask is own_alpha.image  # OpenAI: the image's transparency is the mask
+    own_keep = np.asarray(own_alpha.mask)  # OpenAI: the image's transparency is the mask
+    assert own_alpha.mask.size == (128, 128) and (own_keep[:, :60] == 0).all() and (own_keep[:, 68:] == 255).all()
 
 
 @pytest.mark.parametrize(
@@ -107,7 +112,7 @@ def test_variation_and_edit_forms():
         (parse_variation, {"image": _upload(b"not an image")}, 400, "image"),
         (parse_variation, {"image": "a string, not a file"}, 400, "image"),
         (parse_variation, {}, 400, "image"),
-        (parse_variation, {"image": _upload(b"\x89PNG" + bytes(MAX_UPLOAD_BYTES))}, 413, "image"),
+        (parse_variation, {"image": _upload(b"\x89PNG" + bytes(MAX_UPLOAD_BYTES))}, 400, "image"),  # OpenAI: 400
         (parse_variation, {"image": _upload(_png()), "n": "many"}, 400, "n"),
         (parse_variation, {"image": _upload(_png()), "prompt": "variations take no prompt"}, 400, "prompt"),
         (parse_edit, {"image": _upload(_png()), "mask": _upload(_png((20, 20), "RGBA")), "prompt": "x"}, 400, "mask"),
@@ -128,7 +133,7 @@ def test_api_keys_from_file_and_environment(tmp_path):
     assert keys == {"alpha", "beta", "gamma", "delta"}
     assert is_authorized("Bearer beta", keys) and is_authorized("bearer  gamma ", keys)
     assert not is_authorized(None, keys) and not is_authorized("Bearer wrong", keys) and not is_authorized("Basic alpha", keys)
-    assert is_authorized(None, load_api_keys(None, {}))  # no keys configured: open
+    assert is_authorized(None, load_api_keys(None, {}))  # no keys configured: open (where allowed)
 
 
 def test_errors_map_to_statuses_without_leaking_internals():
