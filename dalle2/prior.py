@@ -17,6 +17,7 @@ saved with the model, so that a saved prior alone reproduces its outputs.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional
 
@@ -145,11 +146,17 @@ class DiffusionPrior(nn.Module):
         super().__init__()
         self.config = config
         self.net = PriorTransformer(config)
-        with torch.device("cpu"):  # the schedule is process metadata, even for a model built on meta
-            self.diffusion = GaussianDiffusion.from_config(config.diffusion)
         # Saved in the bundle's stats file (not the weights): they come from data, not training.
         self.register_buffer("image_mean", torch.zeros(config.embed_dim), persistent=False)
         self.register_buffer("image_std", torch.ones(config.embed_dim), persistent=False)
+
+    @functools.cached_property
+    def diffusion(self) -> GaussianDiffusion:
+        """The schedule, built on first use rather than in ``__init__``: it is process metadata on
+        the CPU in float64, and deepspeed.zero.Init (dalle2.train.sharded) casts every float tensor
+        made while a model is constructed to the training dtype (bf16 cannot count to 1000)."""
+        with torch.device("cpu"):  # even for a model built on meta
+            return GaussianDiffusion.from_config(self.config.diffusion)
 
     # --- embedding normalisation -------------------------------------------------------
     @torch.no_grad()
