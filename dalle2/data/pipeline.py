@@ -66,6 +66,7 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from dalle2.data import storage
+from dalle2.data.epochs import ShuffleConfig
 from dalle2.data.preprocess import Flip, Split, preprocess_batch
 from dalle2.data.schema import TRAINING_COLUMNS, check_columns, dataset_files, read_schema
 
@@ -276,3 +277,34 @@ def build_datasets(config: DataConfig, carry: Mapping[str, str] | None = None) -
         validation=preprocessed_rows(config, filesystem, files, "validation", dropped, carry),
         dropped=dropped,
     )
+
+
+@dataclass
+class ShuffledTrainingData:
+    """Training rows as a :class:`dalle2.data.stream.TrainingSource` (each worker reads its own
+    shuffled, resumable share), validation rows as a lazy dataset (file order, split by Ray Train)."""
+
+    train: "TrainingSource"  # noqa: F821
+    validation: ray.data.Dataset
+    dropped: ray.actor.ActorHandle = field(repr=False)
+
+    def dropped_rows(self) -> dict[str, int]:
+        return ray.get(self.dropped.totals.remote())
+
+
+def build_training_data(
+    config: DataConfig, shuffle: ShuffleConfig, workers: int, carry: Mapping[str, str] | None = None,
+    preprocess=preprocess_batch,
+) -> ShuffledTrainingData:  # fmt: skip
+    """What a training job reads: ``workers`` shuffled training streams and the validation rows.
+    Checks the data first (one clear error before any task starts)."""
+    from dalle2.data.stream import training_source
+
+    filesystem, files = check_dataset(config.path, tuple(_columns(carry)))
+    dropped = DroppedRows.remote()
+    source = training_source(
+        config, shuffle, workers, dropped=dropped, carry=carry, tasks=preprocess_concurrency(config),
+        columns=tuple(_columns(carry)), preprocess=preprocess,
+    )  # fmt: skip
+    validation = preprocessed_rows(config, filesystem, files, "validation", dropped, carry)
+    return ShuffledTrainingData(train=source, validation=validation, dropped=dropped)

@@ -27,6 +27,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from dalle2.config import CONFIG_CLASSES, ClipConfig, to_dict
+from dalle2.data.epochs import ShuffleConfig
 from dalle2.data.preprocess import Flip
 
 JobKind = Literal["clip", "prior", "decoder", "upsampler"]
@@ -93,6 +94,9 @@ class DataSpec:
     flip: Flip = Flip.NONE
     cpus_per_task: float = 0.25  # fractional: see dalle2.data.pipeline (a 2-core machine hangs at 1)
     preprocess_batch_size: int = 128
+    # Training rows: pieces in a new order every epoch, rows mixed in windows, from (seed, epoch);
+    # {mode: none} reads in file order. Validation is never shuffled. See dalle2.data.epochs.
+    shuffle: ShuffleConfig = field(default_factory=ShuffleConfig)
 
     def __post_init__(self) -> None:
         _check(0 <= self.validation_fraction < 1, "validation_fraction must be in [0, 1)")
