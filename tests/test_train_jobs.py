@@ -22,8 +22,6 @@ from dalle2.bundle import load_bundle
 from dalle2.clip import tokenize
 from dalle2.data import storage
 from dalle2.data.embed import EmbedConfig, embed_dataset
-from dalle2.data.preprocess import in_validation
-from dalle2.data.schema import read_dataset
 from dalle2.data.shapes import write_shapes_dataset
 from dalle2.train.checkpoint import export_run, read_data_position, read_train_state
 from dalle2.train.config import deep_merge, load_job_config
@@ -59,13 +57,6 @@ def tiny_job(job: str, data_path: str, storage_uri: str, name: str, **sections):
 
 def losses(run_uri: str) -> list[float]:
     return [float(row["loss"]) for row in read_metrics(storage.join(run_uri, "metrics.csv"))]
-
-
-def batches_per_epoch(data: str, workers: int = 2) -> int:
-    """Full batches each worker gets per epoch: the training split, divided equally."""
-    keys = np.array(read_dataset(data, columns=["key"])["key"].to_pylist(), dtype=object)
-    train_rows = int((~in_validation(keys, VALIDATION_FRACTION)).sum())
-    return train_rows // workers // BATCH
 
 
 class FailOnce(TrainHooks):

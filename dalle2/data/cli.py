@@ -93,7 +93,10 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     importer = commands.add_parser(
         "import", help="convert a folder of images + captions, or Parquet with other column names"
     )
-    importer.add_argument("src", help="folder of images (.txt captions, captions.jsonl or captions.csv) or Parquet")
+    importer.add_argument(
+        "src", help="folder of images (.txt captions, captions.jsonl or captions.csv), Parquet, or WebDataset "
+        "tar shards (one .tar, a folder of them, or a brace list such as s3://b/laion/{00000..00099}.tar)",
+    )  # fmt: skip
     importer.add_argument("out", help="output folder: path, file:// or s3://bucket/prefix")
     importer.add_argument("--image-column", default="image", help="Parquet column of image bytes (img2dataset: jpg)")
     importer.add_argument(
