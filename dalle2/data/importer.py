@@ -97,14 +97,19 @@ def _caption_table(src: str, caption_file: str, caption_column: str) -> dict[str
 
 
 def _folder_rows(src: str, caption_column: str) -> Iterator[_Row]:
+    images = [f for f in storage.list_files(src) if f.lower().endswith(IMAGE_SUFFIXES)]
+    if not images:
+        raise DatasetError(f"{src}: no images ({', '.join(IMAGE_SUFFIXES)}) there")
+    return _folder_image_rows(src, images, caption_column)
+
+
+def _folder_image_rows(src: str, images: list[str], caption_column: str = "caption") -> Iterator[_Row]:
+    """Rows of the image files ``images`` (URIs under the folder ``src``), in name order."""
     files = storage.list_files(src)
     relative = {storage.relative_path(src, f): f for f in files}
     caption_file = next((name for name in CAPTION_FILES if name in relative), None)
     captions = _caption_table(src, caption_file, caption_column) if caption_file else None
-    images = [name for name in sorted(relative) if name.lower().endswith(IMAGE_SUFFIXES)]
-    if not images:
-        raise DatasetError(f"{src}: no images ({', '.join(IMAGE_SUFFIXES)}) there")
-    for name in images:
+    for name in sorted(storage.relative_path(src, uri) for uri in images):
         stem = posixpath.splitext(name)[0]
         if captions is not None:
             caption = captions.get(name)
