@@ -23,6 +23,7 @@ from dalle2.data.schema import read_dataset
 from dalle2.data.shapes import write_shapes_dataset
 from dalle2.data.stream import TrainingStream
 from dalle2.train.config import ConfigError, load_job_config
+from test_ray_data import add_bad_rows
 
 # Worker functions and the decode wrapper travel to Ray by value (workers cannot import tests).
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -112,9 +113,10 @@ def test_shuffle_config_errors():
 def test_two_epochs_deliver_the_same_rows_in_other_orders(ray_cluster, tmp_path):
     path = str(tmp_path / "shapes")
     write_shapes_dataset(path, count=72, image_size=16, rows_per_file=18)  # 4 files
+    add_bad_rows(path)  # and a fifth with 3 bad rows
     config = DataConfig(path=path, image_size=16, context_length=8, validation_fraction=0.1, cpus_per_task=0.25)
     data = build_training_data(config, ShuffleConfig(seed=0, buffer_rows=40), workers=1)
-    keys = read_dataset(path, columns=["key"]).column("key").to_numpy(zero_copy_only=False)
+    keys = read_dataset(path, columns=["key"]).column("key").to_numpy(zero_copy_only=False)[:72]
     train_keys = sorted(keys[~in_validation(keys, 0.1)])
     stream = TrainingStream(data.train, rank=0, world_size=1, batch_size=4)
     by_epoch: dict[int, list[str]] = {}
@@ -135,6 +137,15 @@ def test_two_epochs_deliver_the_same_rows_in_other_orders(ray_cluster, tmp_path)
     files = [{int(k.split("/")[1]) // 18 for k in b["key"]} for b in batches]
     assert np.mean([len(f) > 1 for f in files]) > 0.5  # batches mix rows of several files
     stream.close()
+
+    # Dropped rows count once per distinct row, however many epochs and validation passes read them.
+    bad = np.array(["bad/undecodable", "bad/empty-caption", "bad/no-image"], dtype=object)
+    reasons = np.array(["undecodable_image", "empty_caption", "missing_image"])
+    train_drops = {str(r): 1 for r in reasons[~in_validation(bad, 0.1)]}
+    assert data.dropped_rows() == train_drops
+    for _ in range(2):
+        list(data.validation.iter_batches(batch_size=16))
+    assert data.dropped_rows() == {str(r): 1 for r in reasons}
 
 
 def counting_preprocess(batch, *, log_path: str, **options):

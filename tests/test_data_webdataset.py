@@ -105,3 +105,36 @@ def test_unusable_webdataset_input_fails_before_anything_is_written(s3_server, t
     with pytest.raises(DatasetError, match="not a tar file"):
         import_dataset(prefix + "/{00000..00001}.tar", str(tmp_path / "b"))
     assert not storage.exists(str(tmp_path / "a")) and not storage.exists(str(tmp_path / "b"))
+
+
+def write_shapes_shards(folder: str, shards: int, per_shard: int) -> None:
+    """The shapes dataset as img2dataset-style shards (PNG + caption + json per sample)."""
+    from dalle2.data.shapes import shapes_table
+
+    for shard in range(shards):
+        rows = shapes_table(shard * per_shard, (shard + 1) * per_shard, image_size=32).to_pylist()
+        members = []
+        for index, row in enumerate(rows):
+            members += [(f"{index:09d}.png", row["image"]), (f"{index:09d}.txt", row["caption"].encode()),
+                        (f"{index:09d}.json", json.dumps({"key": row["key"]}).encode())]  # fmt: skip
+        storage.write_bytes(storage.join(folder, f"{shard:05d}.tar"), tar_bytes(members))
+
+
+def test_training_reads_webdataset_shards_directly(ray_cluster, tmp_path):
+    from dalle2.train.config import load_job_config
+    from dalle2.train.launch import run_job
+
+    folder = str(tmp_path / "shards")
+    write_shapes_shards(folder, shards=4, per_shard=20)
+    storage.write_bytes(storage.join(folder, "00004.tar"), tar_bytes([("000000000.jpg", b"\xff\xd8 no jpeg"), ("000000000.txt", b"x")]))
+    job = load_job_config("clip", overrides={
+        "data": {"path": folder + "/{00000..00004}.tar", "format": "webdataset", "validation_fraction": 0.1,
+                 "shuffle": {"buffer_rows": 16}},
+        "run": {"storage": str(tmp_path / "runs"), "name": "wds"},
+        "deepspeed": {"zero_stage": 1},
+        "loop": {"max_steps": 3, "batch_size": 4, "log_every": 1, "val_every": 0, "val_batches": 1, "checkpoint_every": 0},
+        "scaling": {"workers": 2, "cpus_per_worker": 0.5},
+    })  # fmt: skip
+    result = run_job(job)
+    assert result.metrics["step"] == 3 and "val_loss" in result.metrics
+    assert set(result.dropped_rows) <= {"undecodable_image"}  # the broken sample, if a worker got to it

@@ -85,12 +85,19 @@ def file_row_counts(files: list[str]) -> list[int]:
     return counts
 
 
-def dataset_pieces(path: str, workers: int) -> list[Piece]:
-    """The pieces of the dataset at ``path`` for ``workers`` workers (see module doc)."""
-    files = dataset_files(path)
-    counts = file_row_counts(files)
+def dataset_pieces(path: str, workers: int, webdataset: bool = False) -> list[Piece]:
+    """The pieces of the dataset at ``path`` for ``workers`` workers (see module doc): Parquet
+    files, or with ``webdataset`` tar shards (:mod:`.webdataset`; a row is a sample)."""
+    if webdataset:
+        from dalle2.data.webdataset import count_samples, shard_uris
+
+        files = shard_uris(path)
+        counts = [count_samples(uri) for uri in files]
+    else:
+        files = dataset_files(path)
+        counts = file_row_counts(files)
     if sum(counts) == 0:
-        raise DatasetError(f"{path}: {len(files)} Parquet files but no rows in them")
+        raise DatasetError(f"{path}: {len(files)} files but no rows in them")
     cuts = max(1, -(-PIECES_PER_WORKER * workers // len(files)))  # pieces per file
     pieces = []
     for file_uri, rows in zip(files, counts):
@@ -113,13 +120,15 @@ def piece_order(count: int, shuffle: ShuffleConfig, epoch: int) -> np.ndarray:
 @dataclass
 class Work:
     """What a decode task reads: rows ``[start, stop)`` of ``file``, whose first row is entry
-    ``first_index`` of the worker's sequence, minus the sequence entries in ``skip``."""
+    ``first_index`` of the worker's sequence, minus the sequence entries in ``skip``; all of
+    the piece that starts at row ``piece_start`` (it names the piece in drop counts)."""
 
     file: str
     start: int
     stop: int
     first_index: int
     skip: list[int] = field(default_factory=list)
+    piece_start: int = 0
 
 
 @dataclass(frozen=True)
@@ -166,7 +175,7 @@ class EpochPlan:
                 first = max(index, begin)
                 start = piece.start + (first - index)
                 skip = sorted(i for i in passed if first <= i < end)
-                work.append(Work(piece.file, start, piece.stop, first, skip))
+                work.append(Work(piece.file, start, piece.stop, first, skip, piece.start))
             index = end
         skipped_unread = begin + len(passed)
         return work, skipped_unread

@@ -115,12 +115,22 @@ def check_dataset(path: str, columns: tuple[str, ...] = TRAINING_COLUMNS) -> tup
 
 @ray.remote(num_cpus=0)
 class DroppedRows:
-    """Totals, by reason, of the rows that map tasks dropped (one actor per TrainingData)."""
+    """Totals, by reason, of the rows that map tasks dropped (one actor per TrainingData).
+
+    Each distinct row counts once: a task names what it read (a split and a piece of a file),
+    and the drops of a source already counted are not added again when a later epoch, the next
+    validation pass or a resumed attempt reads it again. A task reports after its whole piece,
+    so a piece whose rows anyone consumed was counted whole."""
 
     def __init__(self) -> None:
         self.counts: collections.Counter = collections.Counter()
+        self.sources: set[str] = set()
 
-    def add(self, counts: dict[str, int]) -> None:
+    def add(self, counts: dict[str, int], source: str | None = None) -> None:
+        if source is not None:
+            if source in self.sources:
+                return
+            self.sources.add(source)
         self.counts.update(counts)
 
     def totals(self) -> dict[str, int]:
@@ -141,13 +151,15 @@ def _preprocess_in_task(
     total = len(block["key"])
     pending: list[dict] = []
     pending_bytes = 0
+    # One file per block: its split, first key and size name it (drops count once per source).
+    source = f"{options.get('split')}:{block['key'][0] if total else ''}:{total}"
     for start in range(0, total, rows_per_call):
         batch = {name: values[start : start + rows_per_call] for name, values in block.items()}
         out, drops = preprocess_batch(batch, **options)
         if drops:
             log.warning("dropped %d of %d rows: %s", sum(drops.values()), len(batch["key"]), dict(drops))
             # Wait for the actor: once the dataset is consumed, dropped_rows() is complete.
-            ray.get(dropped.add.remote(dict(drops)))
+            ray.get(dropped.add.remote(dict(drops), f"{source}:{start}"))
         pending.append(out)
         pending_bytes += sum(values.nbytes for values in out.values())
         if pending_bytes >= OUTPUT_BLOCK_BYTES:
@@ -294,17 +306,22 @@ class ShuffledTrainingData:
 
 def build_training_data(
     config: DataConfig, shuffle: ShuffleConfig, workers: int, carry: Mapping[str, str] | None = None,
-    preprocess=preprocess_batch,
+    preprocess=preprocess_batch, webdataset: bool = False,
 ) -> ShuffledTrainingData:  # fmt: skip
-    """What a training job reads: ``workers`` shuffled training streams and the validation rows.
-    Checks the data first (one clear error before any task starts)."""
-    from dalle2.data.stream import training_source
+    """What a training job reads: ``workers`` shuffled training streams and the validation rows,
+    from Parquet or (``webdataset``) tar shards. Checks the data first (one clear error before
+    any task starts)."""
+    from dalle2.data.stream import training_source, validation_rows
 
-    filesystem, files = check_dataset(config.path, tuple(_columns(carry)))
+    if not webdataset:
+        filesystem, files = check_dataset(config.path, tuple(_columns(carry)))
     dropped = DroppedRows.remote()
     source = training_source(
         config, shuffle, workers, dropped=dropped, carry=carry, tasks=preprocess_concurrency(config),
-        columns=tuple(_columns(carry)), preprocess=preprocess,
+        columns=tuple(_columns(carry)), preprocess=preprocess, webdataset=webdataset,
     )  # fmt: skip
-    validation = preprocessed_rows(config, filesystem, files, "validation", dropped, carry)
+    if webdataset:
+        validation = validation_rows(source, preprocess_concurrency(config))
+    else:
+        validation = preprocessed_rows(config, filesystem, files, "validation", dropped, carry)
     return ShuffledTrainingData(train=source, validation=validation, dropped=dropped)

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from dalle2.data import storage
 from dalle2.data.epochs import DataPosition, EpochPlan, Piece, ShuffleConfig, WindowShuffler, Work, dataset_pieces
-from dalle2.data.preprocess import preprocess_batch
+from dalle2.data.preprocess import Flip, preprocess_batch
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,39 @@ class TrainingSource:
     preprocess: Callable = preprocess_batch
 
 
+def _read_tar_rows(work: Work) -> dict[str, np.ndarray]:
+    """Samples ``[start, stop)`` of a WebDataset shard as key/caption/image columns (the shard
+    is read from its start: a tar has no index)."""
+    from dalle2.data.webdataset import TAR_SUFFIX, read_samples
+
+    assert work.file.endswith(TAR_SUFFIX)
+    rows: dict[str, list] = {"key": [], "caption": [], "image": []}
+    for index, sample in enumerate(read_samples(work.file)):
+        if index >= work.stop:
+            break
+        if index >= work.start:
+            rows["key"].append(sample.key)
+            rows["caption"].append(sample.caption)
+            rows["image"].append(sample.image)  # None for a broken sample: dropped as missing_image
+    count = len(rows["key"])
+    out = {name: _objects(values) for name, values in rows.items()}
+    out[SEQUENCE_COLUMN] = np.arange(work.first_index, work.first_index + count, dtype=np.int64)
+    return out
+
+
+def _objects(values: list) -> np.ndarray:
+    array = np.empty(len(values), dtype=object)  # never a 2-D array of bytes
+    array[:] = values
+    return array
+
+
 def read_work(work: Work, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """The rows of ``work`` (only the row groups they lie in are read), less its skipped rows,
-    as numpy columns with their sequence index."""
+    """The rows of ``work`` (for Parquet, only the row groups they lie in are read), less its
+    skipped rows, as numpy columns with their sequence index."""
+    if work.file.endswith(".tar"):
+        rows = _read_tar_rows(work)
+        keep = ~np.isin(rows[SEQUENCE_COLUMN], np.asarray(work.skip, np.int64))
+        return {name: values[keep] for name, values in rows.items()}
     with storage.open_input(work.file) as file:
         parquet = pq.ParquetFile(file)
         groups, first_row, row = [], None, 0
@@ -74,23 +104,25 @@ def read_work(work: Work, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
     return out
 
 
-def _decode_work(items: dict, *, source: TrainingSource) -> Iterator[dict]:
+def _decode_work(items: dict, *, source: TrainingSource, split: str = "train") -> Iterator[dict]:
     """A map task: read and decode each work item of its block (one, as planned)."""
     import ray
 
     config = source.config
     for position in range(len(items["file"])):
         work = Work(items["file"][position], int(items["start"][position]), int(items["stop"][position]),
-                    int(items["first_index"][position]), list(items["skip"][position]))  # fmt: skip
+                    int(items["first_index"][position]), list(items["skip"][position]),
+                    int(items["piece_start"][position]))  # fmt: skip
         rows = read_work(work, source.columns)
         out, drops = source.preprocess(
-            rows, image_size=config.image_size, context_length=config.context_length, split="train",
-            validation_fraction=config.validation_fraction, flip=config.flip,
+            rows, image_size=config.image_size, context_length=config.context_length, split=split,
+            validation_fraction=config.validation_fraction, flip=config.flip if split == "train" else Flip.NONE,
             carry={**source.carry, SEQUENCE_COLUMN: SEQUENCE_COLUMN},
         )  # fmt: skip
         if drops and source.dropped is not None:
             log.warning("dropped %d rows of %s: %s", sum(drops.values()), work.file, dict(drops))
-            ray.get(source.dropped.add.remote(dict(drops)))
+            # Named by split and piece: a piece read again (next epoch, resume) is not counted again.
+            ray.get(source.dropped.add.remote(dict(drops), f"{split}:{work.file}:{work.piece_start}"))
         yield out
 
 
@@ -110,16 +142,19 @@ def _ordered_context():
         context.execution_options.preserve_order, context.op_resource_reservation_enabled = previous
 
 
-def decoded_rows(source: TrainingSource, work: list[Work]):
-    """A Ray dataset that decodes ``work`` in order, one task per item."""
+def decoded_rows(source: TrainingSource, work: list[Work], split: str = "train", tasks: int = 0):
+    """A Ray dataset that decodes ``work`` in order, one task per item (``tasks`` at once;
+    0 = the source's share per worker)."""
     import ray.data
 
-    items = [{"file": w.file, "start": w.start, "stop": w.stop, "first_index": w.first_index, "skip": list(w.skip)} for w in work]
+    items = [{"file": w.file, "start": w.start, "stop": w.stop, "first_index": w.first_index, "skip": list(w.skip),
+              "piece_start": w.piece_start} for w in work]  # fmt: skip
     with _ordered_context():
         dataset = ray.data.from_items(items, override_num_blocks=len(items))
         return dataset.map_batches(
             _decode_work, batch_format="numpy", batch_size=None, num_cpus=source.config.cpus_per_task,
-            compute=ray.data.TaskPoolStrategy(size=source.tasks_per_worker), fn_kwargs={"source": source},
+            compute=ray.data.TaskPoolStrategy(size=tasks or source.tasks_per_worker),
+            fn_kwargs={"source": source, "split": split},
         )  # fmt: skip
 
 
@@ -201,14 +236,21 @@ def _with_final(blocks):
 
 
 def training_source(config, shuffle: ShuffleConfig, workers: int, dropped=None, carry: Mapping[str, str] | None = None,
-                    tasks: int = 0, columns: tuple[str, ...] = (), preprocess: Callable = preprocess_batch) -> TrainingSource:  # fmt: skip
-    """The driver's half: pieces from the Parquet footers (one clear error if there are none),
-    and each worker's share of the decode tasks."""
+                    tasks: int = 0, columns: tuple[str, ...] = (), preprocess: Callable = preprocess_batch,
+                    webdataset: bool = False) -> TrainingSource:  # fmt: skip
+    """The driver's half: pieces from the Parquet footers or the tar shards (one clear error if
+    there are none), and each worker's share of the decode tasks."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    pieces = dataset_pieces(config.path, workers)
+    pieces = dataset_pieces(config.path, workers, webdataset=webdataset)
     return TrainingSource(
         config=config, shuffle=shuffle, pieces=tuple(pieces), columns=tuple(columns), carry=dict(carry or {}),
         dropped=dropped, tasks_per_worker=max(1, tasks // workers) if tasks else 1, preprocess=preprocess,
     )  # fmt: skip
 
+
+
+def validation_rows(source: TrainingSource, tasks: int):
+    """The validation rows of every piece, in file order, as a Ray dataset (Ray Train splits it)."""
+    work = [Work(p.file, p.start, p.stop, 0, piece_start=p.start) for p in source.pieces]
+    return decoded_rows(source, work, split="validation", tasks=tasks).drop_columns([SEQUENCE_COLUMN])

@@ -115,6 +115,27 @@ def check_tar(uri: str) -> None:
         raise DatasetError(f"{uri}: not a tar file ({error})") from None
 
 
+def count_samples(uri: str) -> int:
+    """Samples in a shard: img2dataset's ``<shard>_stats.json`` (``successes``) when it is there,
+    else a scan of the tar's member headers (the member data is seeked over, not read)."""
+    stats = uri[: -len(TAR_SUFFIX)] + "_stats.json"
+    if storage.exists(stats):
+        try:
+            return int(json.loads(storage.read_bytes(stats))["successes"])
+        except (ValueError, KeyError, TypeError):
+            pass  # not img2dataset's: count
+    keys = set()
+    with storage.open_input(uri) as file:
+        try:
+            with tarfile.open(fileobj=file, mode="r:") as archive:
+                for member in archive:
+                    if member.isfile():
+                        keys.add(_split_name(member.name)[0])
+        except (tarfile.TarError, EOFError, OSError) as error:
+            log.warning("%s: counted %d samples before it broke: %s", uri, len(keys), error)
+    return len(keys)
+
+
 def _split_name(name: str) -> tuple[str, str]:
     """``dir/000001.jpg`` -> (``dir/000001``, ``jpg``): the key ends at the base name's first dot."""
     folder, base = posixpath.split(name)

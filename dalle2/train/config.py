@@ -69,6 +69,7 @@ class OptimizerImpl(str, enum.Enum):
 class DataFormat(str, enum.Enum):
     IMAGES = "images"  # image-caption Parquet (dalle2.data.schema), decoded by the pipeline
     EMBEDDINGS = "embeddings"  # rows of `dalle2 data embed`: the prior; the decoder when they kept the images
+    WEBDATASET = "webdataset"  # tar shards (img2dataset's output) read directly: data.path a folder or brace list
 
 
 class Backend(str, enum.Enum):
@@ -216,14 +217,14 @@ class JobConfig:
             object.__setattr__(self, "model", dataclasses.replace(self.model, kind=allowed[0]))
         _check(self.model.kind in allowed, f"model.kind {self.model.kind!r} cannot be trained by the {self.job} job (choose {', '.join(allowed)})")
         _check(
-            self.data.format is DataFormat.IMAGES or self.job in ("prior", "decoder"),
+            self.data.format is not DataFormat.EMBEDDINGS or self.job in ("prior", "decoder"),
             f"data.format embeddings is for the prior and the decoder; the {self.job} job learns from images alone",
         )
         # DALL-E 2 conditions the decoder on the CLIP embedding of the very image it learns to draw
         # (section 2.1). A precomputed embedding belongs to the unflipped image: a flipped target
         # would be paired with its mirror's embedding, so the flip is refused rather than ignored.
         _check(
-            self.data.format is DataFormat.IMAGES or self.data.flip is Flip.NONE,
+            self.data.format is not DataFormat.EMBEDDINGS or self.data.flip is Flip.NONE,
             "data.flip must be none with data.format embeddings: the precomputed CLIP image embeddings "
             "are of the unflipped images (train from data.format images to flip)",
         )
@@ -241,7 +242,7 @@ class JobConfig:
     @property
     def loads_clip(self) -> bool:
         """Whether workers run the frozen CLIP (not when its embeddings were computed beforehand)."""
-        return self.needs_clip and self.data.format is DataFormat.IMAGES
+        return self.needs_clip and self.data.format is not DataFormat.EMBEDDINGS
 
     @property
     def uses_ema(self) -> bool:

@@ -120,6 +120,10 @@ def check_job(job: JobConfig) -> CheckedJob:
     if job.data.format is DataFormat.EMBEDDINGS:
         check_embedding_columns(job.data.path, job.job)  # the decoder's: embeddings that kept the images
         check_rows(job.data.path, EMBEDDING_COLUMNS[job.job])
+    elif job.data.format is DataFormat.WEBDATASET:
+        from dalle2.data.webdataset import shard_uris
+
+        shard_uris(job.data.path)  # a brace list that matches nothing, a first shard that is no tar
     else:
         check_rows(job.data.path, TRAINING_COLUMNS)
     image_size, context_length = data_resolution(job.model_kind, model_config, clip_config)
@@ -146,6 +150,7 @@ def training_datasets(checked: CheckedJob):
             batch_size=spec.preprocess_batch_size, cpus_per_task=spec.cpus_per_task,
         ),
         spec.shuffle, checked.job.scaling.workers, carry=DECODER_CARRY if embeddings else None,
+        webdataset=spec.format is DataFormat.WEBDATASET,
     )  # fmt: skip
     return data.train, data.validation, data.dropped
 
