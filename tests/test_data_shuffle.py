@@ -233,3 +233,11 @@ def test_an_interrupted_two_worker_epoch_delivers_each_row_once_and_skips_withou
     decoded_after = [k for rank in range(2) for line in read_lines(f"{out}/decoded-1-{rank}.jsonl") for k in line]
     assert not consumed_before & set(decoded_after)  # the skipped part was not decoded
     assert sorted(decoded_after) == sorted(everything - consumed_before)  # and the rest once
+
+
+def test_the_progress_line_shows_dropped_rows_when_there_are_some():
+    from dalle2.train.progress import progress_line
+
+    metrics = {"step": 4, "max_steps": 8, "loss": 0.5, "steps_per_s": 1.0, "samples_per_s": 16.0, "lr": 1e-3, "eta_s": 4}
+    assert "dropped" not in progress_line("clip", {**metrics, "dropped_rows": 0})
+    assert progress_line("clip", {**metrics, "dropped_rows": 3}).endswith("| dropped 3 rows")

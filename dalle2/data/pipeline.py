@@ -306,21 +306,22 @@ class ShuffledTrainingData:
 
 def build_training_data(
     config: DataConfig, shuffle: ShuffleConfig, workers: int, carry: Mapping[str, str] | None = None,
-    preprocess=preprocess_batch, webdataset: bool = False,
+    preprocess=preprocess_batch, webdataset: bool = False, columns: tuple[str, ...] | None = None,
 ) -> ShuffledTrainingData:  # fmt: skip
     """What a training job reads: ``workers`` shuffled training streams and the validation rows,
     from Parquet or (``webdataset``) tar shards. Checks the data first (one clear error before
     any task starts)."""
     from dalle2.data.stream import training_source, validation_rows
 
+    columns = tuple(columns or _columns(carry))  # other columns: a preprocess of other rows (embeddings)
     if not webdataset:
-        filesystem, files = check_dataset(config.path, tuple(_columns(carry)))
+        filesystem, files = check_dataset(config.path, columns)
     dropped = DroppedRows.remote()
     source = training_source(
         config, shuffle, workers, dropped=dropped, carry=carry, tasks=preprocess_concurrency(config),
-        columns=tuple(_columns(carry)), preprocess=preprocess, webdataset=webdataset,
+        columns=columns, preprocess=preprocess, webdataset=webdataset,
     )  # fmt: skip
-    if webdataset:
+    if webdataset or preprocess is not preprocess_batch:
         validation = validation_rows(source, preprocess_concurrency(config))
     else:
         validation = preprocessed_rows(config, filesystem, files, "validation", dropped, carry)

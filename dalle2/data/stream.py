@@ -79,6 +79,19 @@ def _objects(values: list) -> np.ndarray:
     return array
 
 
+def column_numpy(column) -> np.ndarray:
+    """A Parquet column as numpy: tensor columns (Ray's tensor extension type, as `dalle2 data
+    embed` writes them, or nested lists) as one [N, ...] array, the rest as they come."""
+    import pyarrow as pa
+
+    if isinstance(column.type, pa.ExtensionType) and column.num_chunks:
+        return np.concatenate([chunk.to_numpy(zero_copy_only=False) for chunk in column.chunks])
+    values = column.to_numpy(zero_copy_only=False)
+    if pa.types.is_list(column.type) or pa.types.is_fixed_size_list(column.type):
+        return np.stack([np.stack(v) if v.dtype == object else v for v in values]) if len(values) else values
+    return values
+
+
 def read_work(work: Work, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
     """The rows of ``work`` (for Parquet, only the row groups they lie in are read), less its
     skipped rows, as numpy columns with their sequence index."""
@@ -99,7 +112,7 @@ def read_work(work: Work, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
     table = table.slice(work.start - first_row, work.stop - work.start)
     indices = np.arange(work.first_index, work.first_index + table.num_rows, dtype=np.int64)
     keep = ~np.isin(indices, np.asarray(work.skip, np.int64)) if work.skip else np.ones(len(indices), bool)
-    out = {name: table.column(name).to_numpy(zero_copy_only=False)[keep] for name in columns}
+    out = {name: column_numpy(table.column(name))[keep] for name in columns}
     out[SEQUENCE_COLUMN] = indices[keep]
     return out
 

@@ -135,12 +135,18 @@ def training_datasets(checked: CheckedJob):
     :class:`dalle2.data.stream.TrainingSource` (each worker reads its own shuffled, resumable
     share) for images and the decoder's embedding rows, a Ray dataset for the prior's embeddings."""
     from dalle2.data.pipeline import DataConfig, build_training_data
-    from dalle2.train.embeddings import DECODER_CARRY, build_prior_datasets
+    from dalle2.train.embeddings import DECODER_CARRY, PRIOR_COLUMNS, embedding_rows
 
     spec = checked.job.data
     embeddings = spec.format is DataFormat.EMBEDDINGS
     if embeddings and checked.job.job == "prior":
-        return (*build_prior_datasets(spec.path, spec.validation_fraction, spec.cpus_per_task), None)
+        # The prior reads the embedding columns alone, through the same reader as the images
+        # (shuffled, resumable, drops counted), with nothing to decode.
+        data = build_training_data(
+            DataConfig(path=spec.path, validation_fraction=spec.validation_fraction, cpus_per_task=spec.cpus_per_task),
+            spec.shuffle, checked.job.scaling.workers, preprocess=embedding_rows, columns=PRIOR_COLUMNS,
+        )  # fmt: skip
+        return data.train, data.validation, data.dropped
     # Images, or the decoder's embedding rows: their images go through the same pipeline (same
     # decode, resize and validation split), with the precomputed image_embed carried along.
     data = build_training_data(
