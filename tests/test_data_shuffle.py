@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -186,7 +187,11 @@ def read_one_epoch(config: dict) -> None:
         done += 1
         with open(f"{out}/delivered-{attempt}-{rank}.jsonl", "a") as log:
             log.write(json.dumps({"batch": done, "keys": [str(k) for k in batch["key"]]}) + "\n")
-        if rank == 1 and attempt == 0 and done == 6:
+        if rank == 1 and done == 6 and not os.path.exists(f"{out}/failed"):
+            open(f"{out}/failed", "w").close()
+            # Ray Train registers the checkpoint of batch 4 asynchronously: give its controller
+            # time to record it, so that the restarted workers get it (on a loaded machine too).
+            time.sleep(10)
             raise RuntimeError("injected worker failure after batch 6")
         if done % 4 == 0:
             with tempfile.TemporaryDirectory() as folder:

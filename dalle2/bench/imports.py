@@ -28,7 +28,7 @@ TARGET_RATIO = 1.6
 @dataclass(frozen=True)
 class ImportBenchSettings:
     shards: int = 16
-    per_shard: int = 64  # samples per shard, half 64px, half 256px
+    per_shard: int = 256  # samples per shard, half 64px, half 256px
     workers: int = 0  # Ray conversion tasks at once; 0 = the cluster's CPU count
     cpus_per_task: float = 0.5
     repeats: int = 3
@@ -148,7 +148,7 @@ def add_import_benchmark(bench_commands: argparse._SubParsersAction) -> None:
         description=__doc__.split("\n\n")[1],
     )  # fmt: skip
     parser.add_argument("--shards", type=int, default=defaults.shards, help="tar shards generated (default 16)")
-    parser.add_argument("--per-shard", type=int, default=defaults.per_shard, help="images per shard (default 64)")
+    parser.add_argument("--per-shard", type=int, default=defaults.per_shard, help="images per shard (default 256)")
     parser.add_argument("--workers", type=int, default=defaults.workers, help="Ray tasks at once (default: the cluster's CPUs)")
     parser.add_argument("--cpus-per-task", type=float, default=defaults.cpus_per_task, help="CPU each Ray task requests")
     parser.add_argument("--repeats", type=int, default=defaults.repeats, help="timed rounds of each importer; medians reported")
