@@ -11,6 +11,11 @@
     # build_datasets(config, carry={"image_embed": "image_embed"}): extra columns ride along,
     # as the decoder reads the rows of `dalle2 data embed` (dalle2.train.embeddings)
 
+Training jobs read their training rows through :func:`build_training_data` instead: each
+worker its own shuffled, exactly resumable share (:mod:`.stream`, :mod:`.epochs`), decoded by
+:func:`dalle2.data.preprocess.preprocess_batch` as here; this module's datasets serve their
+validation rows, ``dalle2 data embed`` and ``dalle2 bench data``.
+
 Ray Train gives each worker a disjoint shard of ``train`` (``streaming_split``), so the
 rows stream from storage through the map tasks into the workers and never gather on
 the driver. The split is ``equal=True``: each epoch leaves out up to (workers - 1) rows
