@@ -133,7 +133,7 @@ def test_training_reads_webdataset_shards_directly(ray_cluster, tmp_path):
         "run": {"storage": str(tmp_path / "runs"), "name": "wds"},
         "deepspeed": {"zero_stage": 1},
         "loop": {"max_steps": 3, "batch_size": 4, "log_every": 1, "val_every": 0, "val_batches": 1, "checkpoint_every": 0},
-        "scaling": {"workers": 2, "cpus_per_worker": 0.5},
+        "scaling": {"workers": 1, "cpus_per_worker": 0.5},  # one worker: the shared test machine's memory
     })  # fmt: skip
     result = run_job(job)
     assert result.metrics["step"] == 3 and "val_loss" in result.metrics
