@@ -183,6 +183,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _add_optional_commands(commands: argparse._SubParsersAction) -> None:
     """Subcommand groups that live beside their code (imported lazily by each command)."""
     from dalle2.bench.cli import add_bench_commands
+    from dalle2.clip_bundle import add_clip_commands
     from dalle2.data.cli import add_data_commands
     from dalle2.eval.cli import add_eval_commands
     from dalle2.serve_cli import add_serve_commands
@@ -194,6 +195,7 @@ def _add_optional_commands(commands: argparse._SubParsersAction) -> None:
     add_serve_commands(commands)
     add_bench_commands(commands)
     add_eval_commands(commands)
+    add_clip_commands(commands)
     for name, text in (
         ("demo", "the whole system on the tiny presets: data, training, export, serving, a PNG grid"),
         ("pipeline", "run (or resume) every stage of a pipeline config: any dataset, presets, storage"),

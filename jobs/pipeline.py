@@ -40,10 +40,17 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "demo-tiny-c
 
 @dataclass(frozen=True)
 class StageSpec:
-    config: str  # job YAML, relative to the pipeline config's folder
+    config: str = ""  # job YAML, relative to the pipeline config's folder
     max_steps: Optional[int] = None
     workers: Optional[int] = None
     zero_stage: Optional[int] = None
+    # clip only: a CLIP bundle to use as it is (`dalle2 clip bundle` of a pretrained open_clip
+    # checkpoint); the clip stage then trains nothing.
+    bundle: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.config and not self.bundle:
+            raise ValueError("a stage needs its job config (config: FILE)")
 
 
 @dataclass(frozen=True)
@@ -93,10 +100,6 @@ class PipelineConfig:
     # config's own data.validation_fraction. `dalle2 eval --validation-fraction` takes the same.
     validation_fraction: Optional[float] = None
 
-    def __post_init__(self) -> None:
-        if self.validation_fraction is not None and not 0 < self.validation_fraction < 1:
-            raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
-
     @property
     def data_uri(self) -> str:
         return self.data or storage.join(self.workdir, "data")
@@ -105,7 +108,17 @@ class PipelineConfig:
     def embeddings_uri(self) -> str:
         return storage.join(self.workdir, "embeddings")
 
+    def __post_init__(self) -> None:
+        if self.validation_fraction is not None and not 0 < self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
+        for stage in ("prior", "decoder", "upsampler"):
+            spec = getattr(self, stage)
+            if spec is not None and spec.bundle:
+                raise ValueError(f"{stage}.bundle: only the clip stage takes a ready bundle (clip: {{bundle: DIR}})")
+
     def bundle(self, name: str) -> str:
+        if name == "clip" and self.clip.bundle:
+            return self.clip.bundle  # a pretrained CLIP: not trained here
         return storage.join(self.workdir, "bundles", name)
 
     @property
@@ -189,6 +202,10 @@ def stage_train(config: PipelineConfig, job: str, spec: StageSpec) -> str:
     from dalle2.train.config import load_job_config
     from dalle2.train.launch import run_job
 
+    if job == "clip" and spec.bundle:
+        _require_clip_bundle(config, "clip")
+        say(f"clip: the bundle {spec.bundle} is used as it is (clip.bundle), no CLIP training")
+        return spec.bundle
     from_embeddings = config.embed is not None and job in FROM_EMBEDDINGS
     overrides: dict[str, Any] = {
         "data": {"path": config.embeddings_uri, "format": "embeddings"} if from_embeddings else {"path": config.data_uri},

@@ -331,7 +331,7 @@ def test_data_commands(tmp_path, capsys):
     out = str(tmp_path / "shapes")
     assert main(["data", "shapes", out, "--count", "6", "--size", "16", "--rows-per-file", "4"]) == 0
     assert json.loads(capsys.readouterr().out) == {"out": str(tmp_path / "shapes"), "rows": 6, "files": 2}
-    assert main(["data", "import", f"file://{tmp_path}/shapes", str(tmp_path / "copy")]) == 0
+    assert main(["data", "import", f"file://{tmp_path}/shapes", str(tmp_path / "copy"), "--in-process"]) == 0
     assert json.loads(capsys.readouterr().out)["rows"] == 6
     original = read_dataset(str(tmp_path / "shapes"), columns=["key", "caption", "image"])
     assert read_dataset(str(tmp_path / "copy"), columns=["key", "caption", "image"]).equals(original)

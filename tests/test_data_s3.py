@@ -100,7 +100,7 @@ def test_import_from_s3_folder_and_parquet_to_s3(s3_server, capsys):
         f"{src}/captions.jsonl", b'{"file": "cats/1.png", "caption": "one"}\n{"file": "cats/2.png", "caption": ""}\n'
     )
     out = s3_server.uri("import-out")
-    assert main(["data", "import", src, out]) == 0
+    assert main(["data", "import", src, out, "--in-process"]) == 0
     assert json.loads(capsys.readouterr().out)["skipped"] == {"empty_caption": 1}
     imported = read_dataset(out)
     assert imported.column("key").to_pylist() == ["cats/1"] and imported.column("caption").to_pylist() == ["one"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import sys
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -22,10 +21,8 @@ from dalle2.bundle import load_bundle
 from dalle2.clip import tokenize
 from dalle2.data import storage
 from dalle2.data.embed import EmbedConfig, embed_dataset
-from dalle2.data.preprocess import in_validation
-from dalle2.data.schema import read_dataset
 from dalle2.data.shapes import write_shapes_dataset
-from dalle2.train.checkpoint import export_run, read_train_state
+from dalle2.train.checkpoint import export_run, read_data_position, read_train_state
 from dalle2.train.config import deep_merge, load_job_config
 from dalle2.train.launch import run_job
 from dalle2.train.loop import TrainHooks
@@ -59,13 +56,6 @@ def tiny_job(job: str, data_path: str, storage_uri: str, name: str, **sections):
 
 def losses(run_uri: str) -> list[float]:
     return [float(row["loss"]) for row in read_metrics(storage.join(run_uri, "metrics.csv"))]
-
-
-def batches_per_epoch(data: str, workers: int = 2) -> int:
-    """Full batches each worker gets per epoch: the training split, divided equally."""
-    keys = np.array(read_dataset(data, columns=["key"])["key"].to_pylist(), dtype=object)
-    train_rows = int((~in_validation(keys, VALIDATION_FRACTION)).sum())
-    return train_rows // workers // BATCH
 
 
 class FailOnce(TrainHooks):
@@ -123,9 +113,12 @@ def test_clip_trains_and_resumes_by_name(ray_cluster, train_shapes, tmp_path):
     assert [int(r["samples"]) for r in rows] == [s * 2 * BATCH for s in (2, 4, 6, 8, 10, 12)]
     assert float(rows[-1]["lr"]) == pytest.approx(learning_rate(11, job.optim, 12))  # the schedule went on
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
-    state = read_train_state(storage.path_of(second.checkpoint_uri))
-    per_epoch = batches_per_epoch(train_shapes)
-    assert state.epoch * per_epoch + state.batches_in_epoch == 12  # the data position went on too
+    folder = storage.path_of(second.checkpoint_uri)
+    positions = [read_data_position(folder, rank) for rank in range(2)]
+    # Each worker reads 80 of its own sequence entries per epoch (about 72 training rows: 9 batches
+    # of 8), so 12 batches end in its second epoch: the data position went on too.
+    assert [p.epoch for p in positions] == [1, 1] and all(0 < p.position <= 80 for p in positions)
+    assert read_train_state(folder).epoch == 1
     kept = sorted(n for n in os.listdir(second.run_uri) if n.startswith("checkpoint-"))
     assert kept == ["checkpoint-00000008", "checkpoint-00000012"]  # keep_checkpoints: 2
 

@@ -128,10 +128,13 @@ def add_gpu_command(bench_commands: argparse._SubParsersAction) -> None:
 
 # Each registrar is light: the heavy imports (Ray, DeepSpeed, serving) are inside its handler.
 from dalle2.bench.data import add_data_benchmark  # noqa: E402
+from dalle2.bench.imports import add_import_benchmark  # noqa: E402
 from dalle2.serve_cli import add_serve_benchmark  # noqa: E402
 from dalle2.train.cli import add_train_benchmark  # noqa: E402
 
-BENCHMARKS: tuple[Registrar, ...] = (add_models_command, add_gpu_command, add_data_benchmark, add_train_benchmark, add_serve_benchmark)
+BENCHMARKS: tuple[Registrar, ...] = (
+    add_models_command, add_gpu_command, add_data_benchmark, add_import_benchmark, add_train_benchmark, add_serve_benchmark,
+)  # fmt: skip
 
 
 def add_bench_commands(subparsers: argparse._SubParsersAction, registrars: Optional[Iterable[Registrar]] = None) -> argparse._SubParsersAction:

@@ -1,11 +1,11 @@
 """``dalle2 data ...``: build and import image-caption datasets (see :mod:`dalle2.data.schema`).
 
     dalle2 data shapes OUT [--count N] [--size 64] [--seed S] [--rows-per-file R]
-    dalle2 data import SRC OUT [--image-column C] [--caption-column C] [--key-column C]
+    dalle2 data import SRC OUT [--workers N] [--max-side S] [--image-column C] [--caption-column C] [--key-column C] [--in-process]
     dalle2 data embed DATA OUT --clip BUNDLE [--actors N] [--batch-size B] [--accelerator auto|cpu|gpu] [--no-images]
 
 OUT and SRC are local paths, file:// or s3://bucket/prefix (standard AWS configuration).
-``embed`` runs on Ray: the cluster in RAY_ADDRESS, or a local one started for it.
+``import`` (a resumable Ray Data job: rerun it into the same OUT after a crash) and ``embed`` run on Ray: the cluster in RAY_ADDRESS, or a local one started for it.
 """
 
 from __future__ import annotations
@@ -26,15 +26,25 @@ def cmd_shapes(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     from dalle2.data.importer import import_dataset
+    from dalle2.data.ray_import import RayImportConfig, ray_import
 
-    report = import_dataset(
-        args.src,
-        args.out,
-        image_column=args.image_column,
-        caption_column=args.caption_column,
-        key_column=args.key_column,
-        rows_per_file=args.rows_per_file,
-    )
+    if args.in_process:
+        if args.max_side or args.workers:
+            raise SystemExit("dalle2 data import: --max-side and --workers are options of the Ray job, not of --in-process")
+        report = import_dataset(
+            args.src, args.out, image_column=args.image_column, caption_column=args.caption_column,
+            key_column=args.key_column, rows_per_file=args.rows_per_file,
+        )  # fmt: skip
+    else:
+        try:
+            config = RayImportConfig(
+                src=args.src, out=args.out, workers=args.workers, max_side=args.max_side, rows_per_file=args.rows_per_file,
+                cpus_per_task=args.cpus_per_task, image_column=args.image_column, caption_column=args.caption_column,
+                key_column=args.key_column,
+            )  # fmt: skip
+        except ValueError as error:
+            raise SystemExit(f"dalle2 data import: {error}") from None
+        report = ray_import(config)
     summary = {"out": args.out, "rows": report.rows, "files": len(report.files), "skipped": dict(report.skipped)}
     print(json.dumps(summary))
     return 0
@@ -93,7 +103,10 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     importer = commands.add_parser(
         "import", help="convert a folder of images + captions, or Parquet with other column names"
     )
-    importer.add_argument("src", help="folder of images (.txt captions, captions.jsonl or captions.csv) or Parquet")
+    importer.add_argument(
+        "src", help="folder of images (.txt captions, captions.jsonl or captions.csv), Parquet, or WebDataset "
+        "tar shards (one .tar, a folder of them, or a brace list such as s3://b/laion/{00000..00099}.tar)",
+    )  # fmt: skip
     importer.add_argument("out", help="output folder: path, file:// or s3://bucket/prefix")
     importer.add_argument("--image-column", default="image", help="Parquet column of image bytes (img2dataset: jpg)")
     importer.add_argument(
@@ -101,6 +114,15 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     importer.add_argument("--key-column", default="key", help="Parquet column of row ids, if any (default key)")
     importer.add_argument("--rows-per-file", type=int, default=1024, help="rows per Parquet shard (default 1024)")
+    importer.add_argument(
+        "--workers", type=int, default=0, help="conversion tasks at once on Ray (default 0: the cluster's CPU count)"
+    )
+    importer.add_argument("--max-side", type=int, default=0, help="shrink images whose longer side exceeds this (>= 8)")
+    importer.add_argument("--cpus-per-task", type=float, default=0.5, help="CPU each conversion task requests (default 0.5)")
+    importer.add_argument(
+        "--in-process", action="store_true",
+        help="the single-process importer (no Ray, no resume): small inputs, and the baseline of `dalle2 bench import`",
+    )  # fmt: skip
     importer.set_defaults(func=cmd_import)
 
     embed = commands.add_parser("embed", help="CLIP text and image embeddings of a dataset, by a pool of Ray actors")

@@ -8,7 +8,11 @@ Two kinds of source, local or in object storage:
   field is the image path relative to the folder;
 * Parquet files with other column names, e.g. img2dataset's output
   (``--image-column jpg --caption-column txt``); an image column may also be Hugging
-  Face's ``{bytes, path}`` struct.
+  Face's ``{bytes, path}`` struct;
+* WebDataset tar shards (img2dataset's default output): one ``.tar``, a folder of them, or a
+  brace list such as ``s3://bucket/laion/{00000..09999}.tar`` (:mod:`.webdataset`). The scalar
+  fields of each sample's ``.json`` become extra columns (their types from the first sample
+  that has one; a value of another type is left null).
 
 PNG and JPEG bytes are kept as they are; other formats are re-encoded as PNG. A row
 whose image cannot be decoded or whose caption is missing or empty is skipped and
@@ -20,6 +24,7 @@ from __future__ import annotations
 import collections
 import csv
 import io
+import itertools
 import json
 import logging
 import posixpath
@@ -31,7 +36,8 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from dalle2.data import storage
-from dalle2.data.schema import IMAGE_CAPTION_SCHEMA, PARQUET_SUFFIX, DatasetError, ShardWriter
+from dalle2.data.schema import IMAGE_CAPTION_SCHEMA, PARQUET_SUFFIX, DatasetError, ShardWriter, with_extra_columns
+from dalle2.data.webdataset import is_webdataset_source, read_samples, shard_uris
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +59,8 @@ class _Row:
     key: str
     caption: Optional[str]
     image: Optional[bytes]
+    extra: dict = field(default_factory=dict)
+    problem: Optional[str] = None  # a reason to skip found while reading (a broken shard)
 
 
 def encoded_image(data: bytes) -> tuple[bytes, int, int]:
@@ -89,14 +97,19 @@ def _caption_table(src: str, caption_file: str, caption_column: str) -> dict[str
 
 
 def _folder_rows(src: str, caption_column: str) -> Iterator[_Row]:
+    images = [f for f in storage.list_files(src) if f.lower().endswith(IMAGE_SUFFIXES)]
+    if not images:
+        raise DatasetError(f"{src}: no images ({', '.join(IMAGE_SUFFIXES)}) there")
+    return _folder_image_rows(src, images, caption_column)
+
+
+def _folder_image_rows(src: str, images: list[str], caption_column: str = "caption") -> Iterator[_Row]:
+    """Rows of the image files ``images`` (URIs under the folder ``src``), in name order."""
     files = storage.list_files(src)
     relative = {storage.relative_path(src, f): f for f in files}
     caption_file = next((name for name in CAPTION_FILES if name in relative), None)
     captions = _caption_table(src, caption_file, caption_column) if caption_file else None
-    images = [name for name in sorted(relative) if name.lower().endswith(IMAGE_SUFFIXES)]
-    if not images:
-        raise DatasetError(f"{src}: no images ({', '.join(IMAGE_SUFFIXES)}) there")
-    for name in images:
+    for name in sorted(storage.relative_path(src, uri) for uri in images):
         stem = posixpath.splitext(name)[0]
         if captions is not None:
             caption = captions.get(name)
@@ -137,6 +150,34 @@ def _parquet_rows(files: list[str], image_column: str, caption_column: str, key_
                     row += 1
 
 
+def _webdataset_rows(shards: list[str]) -> Iterator[_Row]:
+    for shard in shards:
+        for sample in read_samples(shard):
+            yield _Row(key=sample.key, caption=sample.caption, image=sample.image, extra=sample.extra, problem=sample.problem)
+
+
+_ARROW_TYPES = ((bool, pa.bool_()), (int, pa.int64()), (float, pa.float64()), (str, pa.string()))
+
+
+def _extra_fields(row: Optional[_Row]) -> list[pa.Field]:
+    """Columns for the scalar metadata of ``row`` (the first row that has any)."""
+    if row is None:
+        return []
+    taken = set(IMAGE_CAPTION_SCHEMA.names)
+    return [pa.field(name, next(t for py, t in _ARROW_TYPES if isinstance(value, py)))
+            for name, value in row.extra.items() if name not in taken]  # fmt: skip
+
+
+def _extra_values(row: _Row, fields: list[pa.Field]) -> dict:
+    values = {}
+    for column in fields:
+        value = row.extra.get(column.name)
+        python_type = next(py for py, t in _ARROW_TYPES if t == column.type)
+        fits = isinstance(value, python_type) and not (python_type is int and isinstance(value, bool))
+        values[column.name] = value if fits or (python_type is float and isinstance(value, int) and not isinstance(value, bool)) else None
+    return values
+
+
 def _is_parquet_source(src: str) -> bool:
     return bool(storage.list_files(src, suffix=PARQUET_SUFFIX))
 
@@ -153,13 +194,24 @@ def import_dataset(
     """Convert ``src`` (a folder of images with captions, or Parquet) into Parquet shards
     under ``out``. ``image_column``/``key_column`` name Parquet columns; ``caption_column``
     names the caption in Parquet, captions.jsonl or captions.csv."""
-    if _is_parquet_source(src):
+    extras: list[pa.Field] = []
+    if is_webdataset_source(src):
+        rows = _webdataset_rows(shard_uris(src))
+        seen: list[_Row] = []
+        for row in rows:  # the first row with metadata decides the extra columns
+            seen.append(row)
+            if row.extra:
+                break
+        extras = _extra_fields(seen[-1] if seen and seen[-1].extra else None)
+        rows = itertools.chain(seen, rows)
+    elif _is_parquet_source(src):
         rows = _parquet_rows(storage.list_files(src, suffix=PARQUET_SUFFIX), image_column, caption_column, key_column)
     else:
         rows = _folder_rows(src, caption_column)
+    schema = with_extra_columns(extras)
     skipped: collections.Counter = collections.Counter()
     pending: list[dict] = []
-    with ShardWriter(out, IMAGE_CAPTION_SCHEMA, rows_per_file=rows_per_file) as writer:
+    with ShardWriter(out, schema, rows_per_file=rows_per_file) as writer:
         for row in rows:
             reason = _skip_reason(row)
             if reason is None:
@@ -172,16 +224,19 @@ def import_dataset(
                 log.warning("skipping %s: %s", row.key, reason.replace("_", " "))
                 continue
             caption = row.caption.strip()
-            pending.append({"key": row.key, "caption": caption, "image": image, "width": width, "height": height})
+            pending.append({"key": row.key, "caption": caption, "image": image, "width": width, "height": height,
+                            **_extra_values(row, extras)})  # fmt: skip
             if len(pending) == READ_BATCH_ROWS:
-                writer.write(pa.Table.from_pylist(pending, schema=IMAGE_CAPTION_SCHEMA))
+                writer.write(pa.Table.from_pylist(pending, schema=schema))
                 pending = []
         if pending:
-            writer.write(pa.Table.from_pylist(pending, schema=IMAGE_CAPTION_SCHEMA))
+            writer.write(pa.Table.from_pylist(pending, schema=schema))
     return ImportReport(files=writer.files, rows=writer.rows, skipped=skipped)
 
 
 def _skip_reason(row: _Row) -> Optional[str]:
+    if row.problem is not None:
+        return row.problem
     if row.image is None:
         return "missing_image"
     if row.caption is None:

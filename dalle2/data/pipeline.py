@@ -11,6 +11,11 @@
     # build_datasets(config, carry={"image_embed": "image_embed"}): extra columns ride along,
     # as the decoder reads the rows of `dalle2 data embed` (dalle2.train.embeddings)
 
+Training jobs read their training rows through :func:`build_training_data` instead: each
+worker its own shuffled, exactly resumable share (:mod:`.stream`, :mod:`.epochs`), decoded by
+:func:`dalle2.data.preprocess.preprocess_batch` as here; this module's datasets serve their
+validation rows, ``dalle2 data embed`` and ``dalle2 bench data``.
+
 Ray Train gives each worker a disjoint shard of ``train`` (``streaming_split``), so the
 rows stream from storage through the map tasks into the workers and never gather on
 the driver. The split is ``equal=True``: each epoch leaves out up to (workers - 1) rows
@@ -66,6 +71,7 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from dalle2.data import storage
+from dalle2.data.epochs import ShuffleConfig
 from dalle2.data.preprocess import Flip, Split, preprocess_batch
 from dalle2.data.schema import TRAINING_COLUMNS, check_columns, dataset_files, read_schema
 
@@ -114,12 +120,22 @@ def check_dataset(path: str, columns: tuple[str, ...] = TRAINING_COLUMNS) -> tup
 
 @ray.remote(num_cpus=0)
 class DroppedRows:
-    """Totals, by reason, of the rows that map tasks dropped (one actor per TrainingData)."""
+    """Totals, by reason, of the rows that map tasks dropped (one actor per TrainingData).
+
+    Each distinct row counts once: a task names what it read (a split and a piece of a file),
+    and the drops of a source already counted are not added again when a later epoch, the next
+    validation pass or a resumed attempt reads it again. A task reports after its whole piece,
+    so a piece whose rows anyone consumed was counted whole."""
 
     def __init__(self) -> None:
         self.counts: collections.Counter = collections.Counter()
+        self.sources: set[str] = set()
 
-    def add(self, counts: dict[str, int]) -> None:
+    def add(self, counts: dict[str, int], source: str | None = None) -> None:
+        if source is not None:
+            if source in self.sources:
+                return
+            self.sources.add(source)
         self.counts.update(counts)
 
     def totals(self) -> dict[str, int]:
@@ -140,13 +156,15 @@ def _preprocess_in_task(
     total = len(block["key"])
     pending: list[dict] = []
     pending_bytes = 0
+    # One file per block: its split, first key and size name it (drops count once per source).
+    source = f"{options.get('split')}:{block['key'][0] if total else ''}:{total}"
     for start in range(0, total, rows_per_call):
         batch = {name: values[start : start + rows_per_call] for name, values in block.items()}
         out, drops = preprocess_batch(batch, **options)
         if drops:
             log.warning("dropped %d of %d rows: %s", sum(drops.values()), len(batch["key"]), dict(drops))
             # Wait for the actor: once the dataset is consumed, dropped_rows() is complete.
-            ray.get(dropped.add.remote(dict(drops)))
+            ray.get(dropped.add.remote(dict(drops), f"{source}:{start}"))
         pending.append(out)
         pending_bytes += sum(values.nbytes for values in out.values())
         if pending_bytes >= OUTPUT_BLOCK_BYTES:
@@ -276,3 +294,40 @@ def build_datasets(config: DataConfig, carry: Mapping[str, str] | None = None) -
         validation=preprocessed_rows(config, filesystem, files, "validation", dropped, carry),
         dropped=dropped,
     )
+
+
+@dataclass
+class ShuffledTrainingData:
+    """Training rows as a :class:`dalle2.data.stream.TrainingSource` (each worker reads its own
+    shuffled, resumable share), validation rows as a lazy dataset (file order, split by Ray Train)."""
+
+    train: "TrainingSource"  # noqa: F821
+    validation: ray.data.Dataset
+    dropped: ray.actor.ActorHandle = field(repr=False)
+
+    def dropped_rows(self) -> dict[str, int]:
+        return ray.get(self.dropped.totals.remote())
+
+
+def build_training_data(
+    config: DataConfig, shuffle: ShuffleConfig, workers: int, carry: Mapping[str, str] | None = None,
+    preprocess=preprocess_batch, webdataset: bool = False, columns: tuple[str, ...] | None = None,
+) -> ShuffledTrainingData:  # fmt: skip
+    """What a training job reads: ``workers`` shuffled training streams and the validation rows,
+    from Parquet or (``webdataset``) tar shards. Checks the data first (one clear error before
+    any task starts)."""
+    from dalle2.data.stream import training_source, validation_rows
+
+    columns = tuple(columns or _columns(carry))  # other columns: a preprocess of other rows (embeddings)
+    if not webdataset:
+        filesystem, files = check_dataset(config.path, columns)
+    dropped = DroppedRows.remote()
+    source = training_source(
+        config, shuffle, workers, dropped=dropped, carry=carry, tasks=preprocess_concurrency(config),
+        columns=columns, preprocess=preprocess, webdataset=webdataset,
+    )  # fmt: skip
+    if webdataset or preprocess is not preprocess_batch:
+        validation = validation_rows(source, preprocess_concurrency(config))
+    else:
+        validation = preprocessed_rows(config, filesystem, files, "validation", dropped, carry)
+    return ShuffledTrainingData(train=source, validation=validation, dropped=dropped)

@@ -8,6 +8,7 @@ rank wrote into its local folder::
     ema/layout.json              rank 0: parameter shapes and world size
     extra.safetensors            rank 0: state beside the weights (the prior's embedding stats)
     train_state.json             rank 0: step, data position (epoch, batches into it), samples seen
+    data/rank-<r>.json           every rank its position in its shuffled sequence (dalle2.data.epochs)
     job.json                     rank 0: the job config and the model config (export rebuilds from it)
     manifest.json                rank 0: every file of every rank with its size
 
@@ -36,7 +37,7 @@ from dalle2.train.ema import consolidate
 
 CHECKPOINT_PREFIX = "checkpoint-"
 MANIFEST, TRAIN_STATE, JOB_FILE, EXTRA_FILE = "manifest.json", "train_state.json", "job.json", "extra.safetensors"
-DEEPSPEED_DIR, EMA_DIR, EMA_LAYOUT = "deepspeed", "ema", "layout.json"
+DEEPSPEED_DIR, EMA_DIR, EMA_LAYOUT, DATA_DIR = "deepspeed", "ema", "layout.json", "data"
 FORMAT = "dalle2-train-checkpoint"
 MODEL_PREFIX = "model."  # the engine wraps the model in a loss module (dalle2.train.tasks)
 
@@ -89,6 +90,23 @@ def write_rank_files(folder: str, rank: int, ema_state: Optional[dict[str, torch
     if ema_state is not None:
         os.makedirs(os.path.join(folder, EMA_DIR), exist_ok=True)
         save_file({k: v.contiguous() for k, v in ema_state.items()}, os.path.join(folder, ema_file(rank)))
+
+
+def data_position_file(rank: int) -> str:
+    return f"{DATA_DIR}/rank-{rank:05d}.json"
+
+
+def write_data_position(folder: str, rank: int, position) -> None:
+    """Rank ``rank``'s :class:`dalle2.data.epochs.DataPosition` (epoch, sequence entries passed)."""
+    write_json(os.path.join(folder, data_position_file(rank)), asdict(position))
+
+
+def read_data_position(folder: str, rank: int):
+    """Rank ``rank``'s data position, or None when the checkpoint has none (a Ray-dataset run)."""
+    from dalle2.data.epochs import DataPosition
+
+    path = os.path.join(folder, data_position_file(rank))
+    return DataPosition(**read_json(folder, data_position_file(rank))) if os.path.exists(path) else None
 
 
 def write_rank0_files(folder: str, *, state: TrainState, job: dict, model_kind: str, model_config: dict, zero_stage: int, world_size: int, ema_layout: Optional[dict], extra: dict[str, torch.Tensor]) -> None:

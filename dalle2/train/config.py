@@ -27,6 +27,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from dalle2.config import CONFIG_CLASSES, ClipConfig, to_dict
+from dalle2.data.epochs import ShuffleConfig
 from dalle2.data.preprocess import Flip
 
 JobKind = Literal["clip", "prior", "decoder", "upsampler"]
@@ -68,6 +69,7 @@ class OptimizerImpl(str, enum.Enum):
 class DataFormat(str, enum.Enum):
     IMAGES = "images"  # image-caption Parquet (dalle2.data.schema), decoded by the pipeline
     EMBEDDINGS = "embeddings"  # rows of `dalle2 data embed`: the prior; the decoder when they kept the images
+    WEBDATASET = "webdataset"  # tar shards (img2dataset's output) read directly: data.path a folder or brace list
 
 
 class Backend(str, enum.Enum):
@@ -93,6 +95,9 @@ class DataSpec:
     flip: Flip = Flip.NONE
     cpus_per_task: float = 0.25  # fractional: see dalle2.data.pipeline (a 2-core machine hangs at 1)
     preprocess_batch_size: int = 128
+    # Training rows: pieces in a new order every epoch, rows mixed in windows, from (seed, epoch);
+    # {mode: none} reads in file order. Validation is never shuffled. See dalle2.data.epochs.
+    shuffle: ShuffleConfig = field(default_factory=ShuffleConfig)
 
     def __post_init__(self) -> None:
         _check(0 <= self.validation_fraction < 1, "validation_fraction must be in [0, 1)")
@@ -224,14 +229,14 @@ class JobConfig:
             object.__setattr__(self, "model", dataclasses.replace(self.model, kind=allowed[0]))
         _check(self.model.kind in allowed, f"model.kind {self.model.kind!r} cannot be trained by the {self.job} job (choose {', '.join(allowed)})")
         _check(
-            self.data.format is DataFormat.IMAGES or self.job in ("prior", "decoder"),
+            self.data.format is not DataFormat.EMBEDDINGS or self.job in ("prior", "decoder"),
             f"data.format embeddings is for the prior and the decoder; the {self.job} job learns from images alone",
         )
         # DALL-E 2 conditions the decoder on the CLIP embedding of the very image it learns to draw
         # (section 2.1). A precomputed embedding belongs to the unflipped image: a flipped target
         # would be paired with its mirror's embedding, so the flip is refused rather than ignored.
         _check(
-            self.data.format is DataFormat.IMAGES or self.data.flip is Flip.NONE,
+            self.data.format is not DataFormat.EMBEDDINGS or self.data.flip is Flip.NONE,
             "data.flip must be none with data.format embeddings: the precomputed CLIP image embeddings "
             "are of the unflipped images (train from data.format images to flip)",
         )
@@ -249,7 +254,7 @@ class JobConfig:
     @property
     def loads_clip(self) -> bool:
         """Whether workers run the frozen CLIP (not when its embeddings were computed beforehand)."""
-        return self.needs_clip and self.data.format is DataFormat.IMAGES
+        return self.needs_clip and self.data.format is not DataFormat.EMBEDDINGS
 
     @property
     def uses_ema(self) -> bool:

@@ -5,7 +5,9 @@ their workers never run CLIP. The rows hold ``key``, ``caption``, ``tokens`` [L]
 ``text_embed`` [D], ``text_hidden`` [L, W], ``image_embed`` [D] and, unless written with
 ``--no-images``, ``image`` (the encoded bytes; see :mod:`dalle2.data.embed`).
 
-- The prior reads the embedding columns alone (:func:`build_prior_datasets`).
+- The prior reads the embedding columns alone, through the training reader of the images
+  (:mod:`dalle2.data.stream`: shuffled, resumable, drops counted) with :func:`embedding_rows`
+  in place of the image decoder.
 - The decoder reads ``key``, ``caption`` and ``image`` through the image pipeline (decode,
   resize, tokenize, bad rows dropped and counted: :mod:`dalle2.data.pipeline`), which carries
   ``image_embed`` along (:data:`DECODER_CARRY`). The embedding is of the unflipped image, so
@@ -49,20 +51,12 @@ def keep_split(batch: dict[str, np.ndarray], *, split: Split, validation_fractio
     return {name: column[keep] for name, column in batch.items()}
 
 
-def build_prior_datasets(path: str, validation_fraction: float, cpus_per_task: float):
-    """(train, validation) Ray datasets of the prior's columns of the embedding Parquet files
-    at ``path``, lazily (the reader fetches only those columns: the images cost nothing)."""
-    import ray.data
+def embedding_rows(batch: dict[str, np.ndarray], *, split: Split, validation_fraction: float, carry=None, **_ignored):
+    """The prior's rows of ``split`` from embedding rows: the pipeline's decoder for
+    ``data.format: embeddings`` (nothing to decode; keys without a row are dropped and counted)."""
+    import collections
 
-    from dalle2.data.pipeline import check_dataset
-
-    filesystem, files = check_dataset(path, PRIOR_COLUMNS)
-    rows = ray.data.read_parquet(files, filesystem=filesystem, num_cpus=cpus_per_task).select_columns(list(PRIOR_COLUMNS))
-
-    def split(name: Split):
-        return rows.map_batches(
-            keep_split, batch_format="numpy", num_cpus=cpus_per_task,
-            fn_kwargs={"split": name, "validation_fraction": validation_fraction},
-        )  # fmt: skip
-
-    return split("train"), split("validation")
+    has_key = np.array([k is not None for k in batch["key"]], dtype=bool)
+    drops = collections.Counter({"missing_key": int((~has_key).sum())}) if not has_key.all() else collections.Counter()
+    rows = keep_split({name: values[has_key] for name, values in batch.items()}, split=split, validation_fraction=validation_fraction)
+    return {name: rows[name] for name in (*PRIOR_COLUMNS, *(carry or {}))}, drops

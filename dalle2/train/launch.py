@@ -120,6 +120,10 @@ def check_job(job: JobConfig) -> CheckedJob:
     if job.data.format is DataFormat.EMBEDDINGS:
         check_embedding_columns(job.data.path, job.job)  # the decoder's: embeddings that kept the images
         check_rows(job.data.path, EMBEDDING_COLUMNS[job.job])
+    elif job.data.format is DataFormat.WEBDATASET:
+        from dalle2.data.webdataset import shard_uris
+
+        shard_uris(job.data.path)  # a brace list that matches nothing, a first shard that is no tar
     else:
         check_rows(job.data.path, TRAINING_COLUMNS)
     image_size, context_length = data_resolution(job.model_kind, model_config, clip_config, clip_sees_images=job.loads_clip)
@@ -127,23 +131,32 @@ def check_job(job: JobConfig) -> CheckedJob:
 
 
 def training_datasets(checked: CheckedJob):
-    """(train, validation, dropped-rows actor or None) Ray datasets of a checked job."""
-    from dalle2.data.pipeline import DataConfig, build_datasets
-    from dalle2.train.embeddings import DECODER_CARRY, build_prior_datasets
+    """(train, validation, dropped-rows actor or None) of a checked job: ``train`` is a
+    :class:`dalle2.data.stream.TrainingSource` (each worker reads its own shuffled, resumable
+    share) for images and the decoder's embedding rows, a Ray dataset for the prior's embeddings."""
+    from dalle2.data.pipeline import DataConfig, build_training_data
+    from dalle2.train.embeddings import DECODER_CARRY, PRIOR_COLUMNS, embedding_rows
 
     spec = checked.job.data
     embeddings = spec.format is DataFormat.EMBEDDINGS
     if embeddings and checked.job.job == "prior":
-        return (*build_prior_datasets(spec.path, spec.validation_fraction, spec.cpus_per_task), None)
+        # The prior reads the embedding columns alone, through the same reader as the images
+        # (shuffled, resumable, drops counted), with nothing to decode.
+        data = build_training_data(
+            DataConfig(path=spec.path, validation_fraction=spec.validation_fraction, cpus_per_task=spec.cpus_per_task),
+            spec.shuffle, checked.job.scaling.workers, preprocess=embedding_rows, columns=PRIOR_COLUMNS,
+        )  # fmt: skip
+        return data.train, data.validation, data.dropped
     # Images, or the decoder's embedding rows: their images go through the same pipeline (same
     # decode, resize and validation split), with the precomputed image_embed carried along.
-    data = build_datasets(
+    data = build_training_data(
         DataConfig(
             path=spec.path, image_size=checked.image_size, context_length=checked.context_length,
             validation_fraction=spec.validation_fraction, flip=spec.flip,
             batch_size=spec.preprocess_batch_size, cpus_per_task=spec.cpus_per_task,
         ),
-        carry=DECODER_CARRY if embeddings else None,
+        spec.shuffle, checked.job.scaling.workers, carry=DECODER_CARRY if embeddings else None,
+        webdataset=spec.format is DataFormat.WEBDATASET,
     )  # fmt: skip
     return data.train, data.validation, data.dropped
 
@@ -151,6 +164,7 @@ def training_datasets(checked: CheckedJob):
 def run_job(job: JobConfig, hooks: Optional[TrainHooks] = None) -> TrainResult:
     """Check the job, start (or join) Ray, and train; resumes when the run already has checkpoints."""
     import ray
+    import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -162,6 +176,10 @@ def run_job(job: JobConfig, hooks: Optional[TrainHooks] = None) -> TrainResult:
     check_placement(job.scaling, job.data.cpus_per_task, ray.nodes())
 
     train, validation, dropped = training_datasets(checked)
+    # A TrainingSource travels to the workers in the loop config (each reads its own share);
+    # a Ray dataset is split among them by Ray Train.
+    streamed = not isinstance(train, ray.data.Dataset)
+    datasets = {"validation": validation} if streamed else {"train": train, "validation": validation}
     filesystem, storage_path = storage.resolve(job.run.storage)
     resources = {"CPU": job.scaling.cpus_per_worker}
     if job.scaling.use_gpu:
@@ -170,7 +188,7 @@ def run_job(job: JobConfig, hooks: Optional[TrainHooks] = None) -> TrainResult:
         train_worker,
         train_loop_config={
             "job": job_to_dict(job), "model_config": to_dict(checked.model_config),
-            "run_uri": checked.run_uri, "hooks": hooks,
+            "run_uri": checked.run_uri, "hooks": hooks, "train_source": train if streamed else None,
         },
         torch_config=TorchConfig(backend=job.scaling.backend.value),
         scaling_config=ScalingConfig(num_workers=job.scaling.workers, use_gpu=job.scaling.use_gpu, resources_per_worker=resources),
@@ -180,7 +198,7 @@ def run_job(job: JobConfig, hooks: Optional[TrainHooks] = None) -> TrainResult:
             checkpoint_config=CheckpointConfig(num_to_keep=job.loop.keep_checkpoints),
             callbacks=[make_progress_callback(job.job, checked.run_uri, dropped)],
         ),
-        datasets={"train": train, "validation": validation},
+        datasets=datasets,
     )  # fmt: skip
     result = trainer.fit()
     checkpoint_uri = None

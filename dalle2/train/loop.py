@@ -25,6 +25,8 @@ from torch import nn
 
 from dalle2.config import CONFIG_CLASSES, from_dict
 from dalle2.data import storage
+from dalle2.data.epochs import DataPosition
+from dalle2.data.stream import TrainingStream
 from dalle2.train import checkpoint as ckpt
 from dalle2.train.checkpoint import TrainState
 from dalle2.train.config import JobConfig, job_from_dict
@@ -81,6 +83,12 @@ def _first_batches(shard, batch_size: int, count: int) -> Iterator[dict]:
         if index >= count:
             return
         yield batch
+
+
+def _first_stream_batches(stream: TrainingStream, count: int) -> Iterator[dict]:
+    for _ in range(count):
+        yield stream.next()
+    stream.close()
 
 
 def weight_decay_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -140,6 +148,7 @@ class Worker:
         self.rank, self.world_size, self.run_uri, self.hooks = rank, world_size, run_uri, hooks
         self.job_dict, self.model_config_dict = job_dict, model_config_dict
         self.dtype = next(engine.module.parameters()).dtype
+        self.data_position: Optional[DataPosition] = None  # set by restore for a TrainingStream
         self.device = task.device
         self.global_batch = global_batch_size(job.loop.batch_size, world_size, job.deepspeed)
         self.clamps = task.clamped_parameters(self.model)
@@ -216,13 +225,15 @@ class Worker:
         return uri
 
     # -- checkpoints -------------------------------------------------------------------------
-    def save_and_report(self, metrics: dict) -> None:
+    def save_and_report(self, metrics: dict, stream=None) -> None:
         import ray.train
 
         step = self.state.step
         with tempfile.TemporaryDirectory(prefix="dalle2-save-") as folder:
             self.engine.save_checkpoint(os.path.join(folder, ckpt.DEEPSPEED_DIR), tag=ckpt.deepspeed_tag(step))
             ckpt.write_rank_files(folder, self.rank, None if self.ema is None else self.ema.state_dict())
+            if isinstance(stream, TrainingStream):  # every rank its own position in its own sequence
+                ckpt.write_data_position(folder, self.rank, stream.position)
             if self.rank == 0:
                 ckpt.write_rank0_files(
                     folder, state=self.state, job=self.job_dict, model_kind=self.job.model_kind,
@@ -251,18 +262,24 @@ class Worker:
         if self.ema is not None:
             self.ema.load_state_dict(ckpt.read_ema_shard(folder, self.rank))
         self.state.__dict__.update(state.__dict__)
+        self.data_position = ckpt.read_data_position(folder, self.rank)  # None: written by a run without one
 
     # -- the run -----------------------------------------------------------------------------
-    def run(self, train_shard, validation_shard) -> None:
+    def run(self, train_shard, validation_shard, train_source=None) -> None:
         import ray.train
 
         loop = self.job.loop
-        stream = EpochStream(train_shard, loop.batch_size, self.state)
+        if train_source is not None:  # this worker's own shuffled sequence, resumed exactly
+            stream = TrainingStream(train_source, self.rank, self.world_size, loop.batch_size, self.data_position)
+        else:
+            stream = EpochStream(train_shard, loop.batch_size, self.state)
         torch.manual_seed(loop.seed * 1_000_003 + self.state.step * self.world_size + self.rank + 1)  # new noise after a resume
         started, interval_start, interval_steps, losses = time.monotonic(), time.monotonic(), 0, []
         elapsed_before = self.state.elapsed_s
         while self.state.step < loop.max_steps:
             losses.append(self.train_step(stream))
+            if train_source is not None:
+                self.state.epoch = stream.position.epoch
             interval_steps += 1
             self.hooks.after_step(self.state.step, self.rank)
             step, last = self.state.step, self.state.step == loop.max_steps
@@ -288,7 +305,7 @@ class Worker:
                 if grid is not None:
                     metrics["sample_grid"] = grid
             if saving:
-                self.save_and_report(metrics)
+                self.save_and_report(metrics, stream)
             else:
                 ray.train.report(metrics)
             interval_start, interval_steps, losses = time.monotonic(), 0, []
@@ -338,7 +355,8 @@ def train_worker(config: dict) -> None:
     )  # fmt: skip
     model = build_model(job, task, world_size)  # partitioned at construction for big ZeRO-3 models
 
-    train_shard = ray.train.get_dataset_shard("train")
+    train_source = config.get("train_source")  # a dalle2.data.stream.TrainingSource, or None
+    train_shard = None if train_source is not None else ray.train.get_dataset_shard("train")
     validation_shard = ray.train.get_dataset_shard("validation")
     checkpoint = ray.train.get_checkpoint()
     state = TrainState()
@@ -347,7 +365,11 @@ def train_worker(config: dict) -> None:
             ckpt.check_complete(folder)
             task.load_extra_state(model, ckpt.read_extra(folder))
         elif task.needs_preparation:
-            task.prepare(model, _first_batches(train_shard, job.loop.batch_size, job.loop.prior_stats_batches))
+            first = (
+                _first_stream_batches(TrainingStream(train_source, rank, world_size, job.loop.batch_size), job.loop.prior_stats_batches)
+                if train_source is not None else _first_batches(train_shard, job.loop.batch_size, job.loop.prior_stats_batches)
+            )  # fmt: skip
+            task.prepare(model, first)
         engine = build_engine(job, task, model, world_size)
         ema = ShardedEMA(engine.module.model.named_parameters(), job.loop.ema_decay, rank, world_size) if job.uses_ema else None
         worker = Worker(
@@ -356,4 +378,4 @@ def train_worker(config: dict) -> None:
         )  # fmt: skip
         if checkpoint:
             worker.restore(folder)
-    worker.run(train_shard, validation_shard)
+    worker.run(train_shard, validation_shard, train_source)

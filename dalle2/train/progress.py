@@ -39,6 +39,8 @@ def progress_line(job: str, metrics: dict[str, Any]) -> str:
         f"lr {metrics['lr']:.1e}",
         f"eta {format_duration(metrics['eta_s'])}",
     ]
+    if metrics.get("dropped_rows"):
+        parts.append(f"dropped {metrics['dropped_rows']} rows")
     if metrics.get("sample_grid"):
         parts.append(f"samples {metrics['sample_grid']}")
     return " | ".join(parts)

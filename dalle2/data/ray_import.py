@@ -1,0 +1,202 @@
+"""``dalle2 data import`` as a resumable Ray Data job.
+
+    report = ray_import(RayImportConfig(src="s3://b/laion/{00000..09999}.tar", out="s3://b/laion-pq", workers=64))
+
+The input is cut into *units*: a tar shard, a Parquet file, or a chunk of a folder's images.
+One task converts one unit: it reads the unit's rows, decodes each image once (and, with
+``max_side``, shrinks it so that its longer side is at most that), and writes them as Parquet
+files ``part-<unit>-<n>.parquet`` of ``rows_per_file`` rows; then, last, a marker
+``_done/unit-<unit>.json`` with the unit's files, rows and skips. A rerun skips every unit with
+a marker and converts the others again from scratch, after deleting what an interrupted attempt
+left of them: no row is written twice, none is lost. Markers are the only state; the job can be
+killed at any point.
+
+Row-level problems (no image, no caption, an image that does not decode, a broken shard) are
+skipped and counted by reason, as the single-process importer (:mod:`.importer`, kept as the
+baseline of ``dalle2 bench import``) counts them. Problems with the whole input (nothing there,
+a brace list that matches nothing, a first shard that is not a tar, ``max_side`` below 8) are
+errors before any task starts.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import logging
+import posixpath
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from dalle2.data import importer, storage
+from dalle2.data.importer import ImportReport
+from dalle2.data.schema import PARQUET_SUFFIX, with_extra_columns
+
+log = logging.getLogger(__name__)
+
+DONE_DIR = "_done"
+MIN_SIDE = 8
+FOLDER_UNIT_IMAGES = 1024  # images of a folder source per unit
+
+
+@dataclass(frozen=True)
+class RayImportConfig:
+    src: str
+    out: str
+    workers: int = 0  # conversion tasks at once; 0 = the cluster's CPU count
+    max_side: int = 0  # 0 = keep the size; else the longer side shrunk to at most this
+    rows_per_file: int = 1024
+    cpus_per_task: float = 0.5
+    image_column: str = "image"
+    caption_column: str = "caption"
+    key_column: str = "key"
+
+    def __post_init__(self) -> None:
+        if self.max_side and self.max_side < MIN_SIDE:
+            raise ValueError(f"--max-side must be at least {MIN_SIDE} (or 0 to keep the size), got {self.max_side}")
+        if self.workers < 0 or self.rows_per_file < 1 or self.cpus_per_task <= 0:
+            raise ValueError("workers must be >= 0, rows_per_file >= 1 and cpus_per_task > 0")
+
+
+@dataclass
+class Unit:
+    index: int
+    kind: str  # webdataset | parquet | folder
+    files: list[str] = field(default_factory=list)
+
+
+def plan_units(config: RayImportConfig) -> tuple[list[Unit], list[pa.Field]]:
+    """The units of the input and the extra columns (from the first WebDataset sample with a
+    ``.json``); raises before any task for input that cannot be used."""
+    from dalle2.data.webdataset import is_webdataset_source, shard_uris
+
+    if is_webdataset_source(config.src):
+        shards = shard_uris(config.src)
+        first = next((row for row in importer._webdataset_rows(shards[:1]) if row.extra), None)
+        return [Unit(i, "webdataset", [s]) for i, s in enumerate(shards)], importer._extra_fields(first)
+    if importer._is_parquet_source(config.src):
+        files = storage.list_files(config.src, suffix=PARQUET_SUFFIX)
+        return [Unit(i, "parquet", [f]) for i, f in enumerate(files)], []
+    images = [f for f in storage.list_files(config.src) if f.lower().endswith(importer.IMAGE_SUFFIXES)]
+    if not images:
+        raise importer.DatasetError(f"{config.src}: no images, Parquet files or tar shards there")
+    chunks = [images[i : i + FOLDER_UNIT_IMAGES] for i in range(0, len(images), FOLDER_UNIT_IMAGES)]
+    return [Unit(i, "folder", chunk) for i, chunk in enumerate(chunks)], []
+
+
+def marker_uri(out: str, index: int) -> str:
+    return storage.join(out, DONE_DIR, f"unit-{index:06d}.json")
+
+
+def shrink(image_bytes: bytes, width: int, height: int, max_side: int) -> tuple[bytes, int, int]:
+    """The image with its longer side at most ``max_side`` (bicubic, antialiased), in its own
+    format (JPEG quality 95, else PNG); unchanged if already small enough."""
+    if max(width, height) <= max_side:
+        return image_bytes, width, height
+    with Image.open(io.BytesIO(image_bytes)) as image:
+        scale = max_side / max(width, height)
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        is_jpeg = image.format == "JPEG"
+        if is_jpeg:
+            image.draft("RGB", size)  # decode at a reduced scale first when much larger
+        small = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0 if not is_jpeg else None)
+        buffer = io.BytesIO()
+        small.save(buffer, format="JPEG" if is_jpeg else "PNG", **({"quality": 95} if is_jpeg else {}))
+    return buffer.getvalue(), size[0], size[1]
+
+
+def _unit_rows(unit: Unit, config: RayImportConfig, root: str):
+    if unit.kind == "webdataset":
+        return importer._webdataset_rows(unit.files)
+    if unit.kind == "parquet":
+        return importer._parquet_rows(unit.files, config.image_column, config.caption_column, config.key_column)
+    return importer._folder_image_rows(root, unit.files, config.caption_column)
+
+
+def convert_unit(unit: Unit, config: RayImportConfig, extras: list[pa.Field]) -> dict:
+    """Convert one unit (a task): delete what an earlier attempt left, write its files, then its
+    marker. Returns the marker's content."""
+    prefix = f"part-{unit.index:06d}-"
+    for stale in storage.list_files(config.out, suffix=PARQUET_SUFFIX) if storage.exists(config.out) else []:
+        if posixpath.basename(stale).startswith(prefix):
+            storage.delete(stale)
+    schema = with_extra_columns(extras)
+    skipped: collections.Counter = collections.Counter()
+    files, pending, rows_written = [], [], 0
+
+    def flush() -> None:
+        nonlocal pending, rows_written
+        uri = storage.join(config.out, f"{prefix}{len(files):04d}{PARQUET_SUFFIX}")
+        with storage.open_output(uri) as sink:
+            pq.write_table(pa.Table.from_pylist(pending, schema=schema), sink)
+        files.append(posixpath.basename(uri))
+        rows_written += len(pending)
+        pending = []
+
+    for row in _unit_rows(unit, config, config.src):
+        reason = importer._skip_reason(row)
+        if reason is None:
+            try:
+                image, width, height = importer.encoded_image(row.image)  # the one full decode
+                if config.max_side:
+                    image, width, height = shrink(image, width, height, config.max_side)
+            except (ValueError, OSError):
+                reason = "undecodable_image"
+        if reason is not None:
+            skipped[reason] += 1
+            continue
+        pending.append({"key": row.key, "caption": row.caption.strip(), "image": image, "width": width,
+                        "height": height, **importer._extra_values(row, extras)})  # fmt: skip
+        if len(pending) == config.rows_per_file:
+            flush()
+    if pending:
+        flush()
+    done = {"unit": unit.index, "inputs": unit.files, "files": files, "rows": rows_written, "skipped": dict(skipped)}
+    storage.write_bytes(marker_uri(config.out, unit.index), json.dumps(done).encode())  # last: the unit is complete
+    return done
+
+
+def _convert_block(block: dict, *, config: RayImportConfig, extras: list[pa.Field]) -> dict:
+    import numpy as np
+
+    results = []
+    for index, kind, files in zip(block["index"], block["kind"], block["files"]):
+        results.append(convert_unit(Unit(int(index), str(kind), [str(f) for f in files]), config, extras))
+    return {"marker": np.array([json.dumps(r) for r in results], dtype=object)}
+
+
+def ray_import(config: RayImportConfig) -> ImportReport:
+    """Convert ``config.src`` into Parquet under ``config.out`` on the connected Ray cluster
+    (one is started if none is), resuming a previous run into the same ``out``."""
+    import ray
+    import ray.data
+
+    units, extras = plan_units(config)  # every input error before any task
+    done = {}
+    for unit in units:
+        if storage.exists(marker_uri(config.out, unit.index)):
+            done[unit.index] = json.loads(storage.read_bytes(marker_uri(config.out, unit.index)))
+    pending = [u for u in units if u.index not in done]
+    if done:
+        log.warning("resuming the import into %s: %d of %d units already complete", config.out, len(done), len(units))
+    if pending:
+        if not ray.is_initialized():
+            ray.init()
+        workers = config.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        items = [{"index": u.index, "kind": u.kind, "files": u.files} for u in pending]
+        results = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            _convert_block, batch_format="numpy", batch_size=None, num_cpus=config.cpus_per_task,
+            compute=ray.data.TaskPoolStrategy(size=workers), fn_kwargs={"config": config, "extras": extras},
+        )  # fmt: skip
+        for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
+            for marker in batch["marker"]:
+                result = json.loads(marker)
+                done[result["unit"]] = result
+    skipped: collections.Counter = collections.Counter()
+    for result in done.values():
+        skipped.update(result["skipped"])
+    files = [storage.join(config.out, name) for index in sorted(done) for name in done[index]["files"]]
+    return ImportReport(files=files, rows=sum(r["rows"] for r in done.values()), skipped=skipped)
