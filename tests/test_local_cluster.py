@@ -137,7 +137,8 @@ def test_serve_deploy_answers_over_http(local_head, s3_server, tmp_path):
     deployed = subprocess.run([serve, "deploy", str(config_path)], cwd=REPO, env=local_head, capture_output=True, text=True, timeout=120)
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
 
-    body = {"prompt": "a red circle", "n": 2, "size": "32x32", "prior_steps": 2, "decoder_steps": 2, "seed": 1}
+    body = {"prompt": "a red circle", "n": 2, "size": "32x32", "prior_steps": 2, "decoder_steps": 2, "seed": 1,
+            "response_format": "b64_json"}
     deadline, last = time.monotonic() + SERVE_TIMEOUT_S, None
     while time.monotonic() < deadline:  # the replicas import torch and load the bundles first
         try:

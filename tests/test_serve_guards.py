@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from dalle2.images import InvalidInput, open_image
-from dalle2.pipeline import StageOptions
+from dalle2.pipeline import DEFAULT_PRIOR, DEFAULT_UPSAMPLER, StageOptions
 from serve.admission import Admission, DeadlinePolicy, RateLimiter
 from serve.api_keys import ADMIN_KEYS_ENV, API_KEYS_ENV, KeyConfigError, load_api_keys, require_keys_or_consent
 from serve.health import StageHealth, Unhealthy
@@ -138,7 +138,8 @@ def test_deadlines_are_sized_from_the_steps_a_request_runs():
                     {"prior": 32, "decoder": 25, "upsampler_64": 27, "upsampler_128": 15})  # fmt: skip
     served = ServedSizes((32, 64, 128), 32)
     request = parse_generation(json.dumps({"prompt": "x", "size": "64x64", "decoder_steps": 5}).encode(), "application/json", served)
-    assert stages.steps_of(request) == 32 + 5 + 27  # the 128 upsampler does not run
+    # the request's own decoder steps, the served defaults of the others; the 128 upsampler does not run
+    assert stages.steps_of(request) == DEFAULT_PRIOR.steps + 5 + DEFAULT_UPSAMPLER.steps
 
 
 # --------------------------------------------------------------------------- OpenAI parity

@@ -180,13 +180,16 @@ def test_decoder_trains_from_embeddings_and_draws_samples(ray_cluster, shapes_em
     # fault test above, and test_train_tasks.)
     job = tiny_job(
         "decoder", shapes_embeddings, str(tmp_path / "runs"), "decoder", clip=tiny_clip_bundle,
-        data={"format": "embeddings"}, loop={"val_every": 4},
+        data={"format": "embeddings"}, loop={"val_every": 2},
     )  # fmt: skip
     assert not job.loads_clip
     result = run_job(job)
-    loss = losses(result.run_uri)
-    assert result.metrics["step"] == 8 and loss[-1] < loss[0]
-    assert "val_loss" in result.metrics and result.dropped_rows == {}
+    # The per-batch loss swings with the timesteps drawn (CI saw step 8 above step 2): judge by the
+    # validation loss, a fixed batch with fixed noise and timesteps, at steps 2 and 8.
+    rows = read_metrics(storage.join(result.run_uri, "metrics.csv"))
+    validation = [float(row["val_loss"]) for row in rows if row.get("val_loss")]
+    assert result.metrics["step"] == 8 and len(validation) == 4 and validation[-1] < validation[0], validation
+    assert result.dropped_rows == {}
     for step in (4, 8):
         with Image.open(os.path.join(result.run_uri, "samples", f"step-{step:08d}.png")) as grid:
             assert grid.mode == "RGB" and grid.width > grid.height  # one row of truth, one of samples
