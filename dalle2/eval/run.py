@@ -40,10 +40,10 @@ from dalle2.data.schema import TRAINING_COLUMNS, check_columns, dataset_files, r
 from dalle2.data.shapes import LABEL_COLUMNS
 from dalle2.eval import metrics
 from dalle2.eval.shapes_checker import read_attributes
+from dalle2.eval.stage_options import Samplers, Steps, stage_options
 from dalle2.images import png_bytes, tensor_to_images
-from dalle2.pipeline import GenerationOptions, StageOptions, UnCLIP, decode, load_bundles, sample_image_embeds, upsample
+from dalle2.pipeline import UnCLIP, decode, load_bundles, sample_image_embeds, upsample
 from dalle2.precision import inference_precision, resolve_precision
-from dalle2.sampling import SAMPLERS
 from dalle2.train.samples import image_grid, similarity_image
 
 REPORT_VERSION = 1
@@ -57,75 +57,6 @@ FID_NOTE = (
 GRID_COLUMNS, GRID_PAIRS = 8, 4  # samples.png: up to 4 pairs of rows (generated, real) of 8 images
 SIMILARITY_ROWS = 32  # clip_similarity.png: the first rows' caption x image cosines
 Progress = Callable[[str], None]
-
-
-STAGES = ("prior", "decoder", "upsampler")
-
-
-def _per_stage(text: str, convert: Callable[[str], Any], what: str, example: str) -> dict[str, Any]:
-    """``"V"`` (every stage) or ``"prior=V,decoder=V,upsampler=V"`` (any subset) -> {stage: value}."""
-    if not text.strip():
-        return {}
-    try:
-        if "=" not in text:
-            value = convert(text.strip())
-            return {stage: value for stage in STAGES}
-        values = {}
-        for part in text.split(","):
-            name, _, value = part.partition("=")
-            if name.strip() not in STAGES:
-                raise ValueError(name)
-            values[name.strip()] = convert(value.strip())
-        return values
-    except ValueError:
-        raise ValueError(f"bad {what} {text!r}: give {example}, or prior={example},decoder={example},upsampler={example}") from None
-
-
-def _steps_number(text: str) -> int:
-    if not text.isdigit():
-        raise ValueError(text)
-    return int(text)
-
-
-def _sampler_name(text: str) -> str:
-    if text not in SAMPLERS:
-        raise ValueError(text)
-    return text
-
-
-@dataclass(frozen=True)
-class Steps:
-    """Sampling steps per diffusion stage; None = dalle2 generate's default (dalle2.pipeline.GenerationOptions)."""
-
-    prior: Optional[int] = None
-    decoder: Optional[int] = None
-    upsampler: Optional[int] = None
-
-    @classmethod
-    def parse(cls, text: str) -> "Steps":
-        """``"25"`` (every stage) or ``"prior=16,decoder=25,upsampler=10"`` (any subset)."""
-        return cls(**_per_stage(text, _steps_number, "steps", "N"))
-
-
-@dataclass(frozen=True)
-class Samplers:
-    """Sampler per diffusion stage (dalle2.sampling.SAMPLERS); None = dalle2 generate's default."""
-
-    prior: Optional[str] = None
-    decoder: Optional[str] = None
-    upsampler: Optional[str] = None
-
-    @classmethod
-    def parse(cls, text: str) -> "Samplers":
-        """``"dpmpp_2m"`` (every stage) or ``"prior=ddim,decoder=dpmpp_2m"`` (any subset)."""
-        return cls(**_per_stage(text, _sampler_name, "sampler", "|".join(SAMPLERS)))
-
-
-def stage_options(name: str, steps: Steps, samplers: Samplers, guidance: float) -> StageOptions:
-    """A stage's options: what was asked, else dalle2 generate's default for the stage."""
-    default = getattr(GenerationOptions(), name)
-    asked_steps, asked_sampler = getattr(steps, name), getattr(samplers, name)
-    return StageOptions(default.steps if asked_steps is None else asked_steps, guidance, asked_sampler or default.sampler)
 
 
 @dataclass(frozen=True)
