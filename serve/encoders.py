@@ -34,6 +34,10 @@ class TextEncoder(ModelStage):
     def probe(self) -> None:
         encode_prompts(self.model, ["health check"])
 
+    def _encode_prompts(self, prompts: list[str]) -> tuple[TextEncoding, torch.Tensor]:
+        with self.in_precision():
+            return encode_prompts(self.model, prompts)  # float32 out whatever ran inside
+
     async def encode(self, prompt: str) -> EncodedText:
         return raise_if_error(await self._encode_batch(prompt))
 
@@ -43,7 +47,7 @@ class TextEncoder(ModelStage):
         good = [i for i, p in enumerate(prompts) if isinstance(p, str) and p.strip()]
         results: list = [InvalidInput("prompt must be a non-empty string", "prompt")] * len(prompts)
         if good:
-            text, tokens = await asyncio.to_thread(encode_prompts, self.model, [prompts[i] for i in good])
+            text, tokens = await asyncio.to_thread(self._encode_prompts, [prompts[i] for i in good])
             for row, i in enumerate(good):
                 encoding = TextEncoding(_row(text.embed, row), _row(text.hidden, row), _row(text.mask, row))
                 results[i] = EncodedText(encoding, _row(tokens, row))
@@ -72,7 +76,8 @@ class ImageEncoder(ModelStage):
         @torch.no_grad()
         def encode() -> torch.Tensor:  # the same as dalle2.pipeline.image_embeds_of
             batch = torch.cat([image_to_tensor(image, size) for image, _ in items]).to(self.device)
-            return self.model.encode_image(batch).cpu()
+            with self.in_precision():
+                return self.model.encode_image(batch).float().cpu()
 
         embeds = await asyncio.to_thread(encode)
         results = [

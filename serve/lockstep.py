@@ -23,10 +23,11 @@ stops at its next forward call (:class:`RequestCancelled`), leaves the round, an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Optional, Sequence, TypeVar
+from typing import Any, Callable, ContextManager, Hashable, Optional, Sequence, TypeVar
 
 import torch
 from torch import Tensor
@@ -167,20 +168,26 @@ async def run_in_lockstep(
     sample: Callable[[SharedForward, Item], Result],
     on_forward: Optional[Callable[[], None]] = None,
     cancelled: Optional[Callable[[Item], bool]] = None,
+    thread_context: Callable[[], ContextManager] = contextlib.nullcontext,
 ) -> tuple[list[Result | Exception], int]:
     """Run ``sample(shared, item)`` for every item, each in its own thread, sharing the forward
     passes of ``network``. Returns each item's result, or the exception it raised (a bad request,
-    a cancelled one, fails alone), and the number of forward passes run."""
+    a cancelled one, fails alone), and the number of forward passes run.
+
+    ``thread_context`` is entered in every loop's thread for the whole loop, its last
+    ``finished()`` included: the shared forward runs in whichever thread completes a round, and
+    thread-local state such as autocast (the stage's precision) must hold in all of them."""
     shared = SharedForward(network, loops=len(items), on_forward=on_forward)
 
     def run(item: Item) -> Result | Exception:
-        try:
-            view = shared if cancelled is None else _LoopForward(shared, lambda: cancelled(item))
-            return sample(view, item)
-        except Exception as error:
-            return error
-        finally:
-            shared.finished()
+        with thread_context():
+            try:
+                view = shared if cancelled is None else _LoopForward(shared, lambda: cancelled(item))
+                return sample(view, item)
+            except Exception as error:
+                return error
+            finally:
+                shared.finished()
 
     loop = asyncio.get_running_loop()
     # One thread per loop, never a shared pool: loops wait for each other, so a pool smaller

@@ -11,6 +11,8 @@ Each deployment's ``user_config`` (changeable without restarting replicas) sets 
                           at least 10, the most one request may ask for
     batch_wait_timeout_s  how long a batch waits for more requests after its first
     health_stall_s, health_probe_every_s, health_probe_budget_s   see serve.health
+    precision             the networks' precision: auto (bf16 on a GPU, fp32 on the CPU), fp32,
+                          bf16 or fp16 (GPU only); the samplers stay float32 (dalle2.precision)
 
 Every replica has a ``check_health`` (serve.health: a wedged batch or a probe forward that fails
 or hangs fails it, and Serve replaces the replica), and reports its batches' latency and the
@@ -26,7 +28,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, ContextManager, Optional, Sequence
 
 import ray
 import torch
@@ -35,6 +37,7 @@ from ray import serve
 from dalle2.bundle import CONFIG_FILE, load_bundle, read_bundle_header
 from dalle2.data.storage import join, read_bytes
 from dalle2.pipeline import MAX_IMAGES
+from dalle2.precision import Precision, inference_precision, resolve_precision
 from serve.health import StageHealth
 from serve.lockstep import SharedForward, run_in_lockstep
 from serve.messages import StageTiming
@@ -50,6 +53,7 @@ class StageSettings:
     health_stall_s: float = 60.0
     health_probe_every_s: float = 60.0
     health_probe_budget_s: float = 10.0
+    precision: str = "auto"  # the networks' precision (dalle2.precision): auto = bf16 on CUDA, fp32 on CPU
 
     @classmethod
     def from_user_config(cls, owner: str, user_config: Optional[dict]) -> "StageSettings":
@@ -60,6 +64,7 @@ class StageSettings:
         settings = cls(**(user_config or {}))
         if int(settings.max_batch_size) < MAX_IMAGES:
             raise ValueError(f"max_batch_size counts images and must be at least {MAX_IMAGES} (one request may ask for {MAX_IMAGES})")
+        resolve_precision(settings.precision, "cpu")  # a known name, or ValueError naming the choices
         return settings
 
 
@@ -122,7 +127,7 @@ class ModelStage:
         self.replica = context.replica_id.unique_id
         self.stage = self.stage_name()
         self.settings = StageSettings()
-        self.health = StageHealth(self.probe)
+        self.health = StageHealth(self._probe_in_precision)
         self.metrics = StageMetrics(self.stage)
 
     def stage_name(self) -> str:
@@ -131,8 +136,19 @@ class ModelStage:
     def probe(self) -> None:
         raise NotImplementedError
 
+    def _probe_in_precision(self) -> None:
+        with self.in_precision():
+            self.probe()
+
+    def in_precision(self) -> ContextManager[Precision]:
+        """The stage's networks in ``settings.precision`` (autocast; the samplers stay float32).
+        Autocast is per thread: enter this in the thread that runs the network."""
+        return inference_precision(self.settings.precision, self.device)
+
     def reconfigure(self, user_config: Optional[dict]) -> None:
         settings = StageSettings.from_user_config(type(self).__name__, user_config)
+        if resolve_precision(settings.precision, self.device) is Precision.FP16 and self.device.type != "cuda":
+            raise ValueError(f"{type(self).__name__}: precision fp16 needs a GPU; this replica runs on {self.device}")
         handler = getattr(self, self.batched_method)
         handler.set_max_batch_size(int(settings.max_batch_size))
         handler.set_batch_wait_timeout_s(float(settings.batch_wait_timeout_s))
@@ -185,7 +201,8 @@ class ModelStage:
         self.metrics.change_in_flight(len(items))
         try:
             results, forwards = await run_in_lockstep(network, items, sample, on_forward=self.health.forward_done,
-                                                      cancelled=lambda item: item[2].is_set())  # fmt: skip
+                                                      cancelled=lambda item: item[2].is_set(),
+                                                      thread_context=self.in_precision)  # fmt: skip
         finally:
             self.health.batch_ended()
             self.metrics.change_in_flight(-len(items))

@@ -14,6 +14,7 @@ from dalle2.clip import TextEncoding
 from dalle2.factory import create_model
 from dalle2.images import InvalidInput
 from dalle2.pipeline import DEFAULT_DECODER, DEFAULT_PRIOR, StageOptions, decode, encode_prompts, sample_image_embeds, upsample
+from dalle2.precision import inference_precision
 from serve.api_keys import API_KEYS_ENV, is_authorized, load_api_keys
 from serve.diffusion_stages import _PriorOnSharedNet
 from serve.http_errors import INTERNAL_ERROR_MESSAGE, ApiError, api_error_from
@@ -231,6 +232,50 @@ def test_a_failing_request_fails_alone(tiny):
     results, _ = asyncio.run(run_in_lockstep(tiny["decoder"], [0, 1, 2], run_one))
     assert isinstance(results[1], InvalidInput)
     assert results[0].shape == results[2].shape == (1, 3, 32, 32)
+
+
+class _AutocastRecorder:
+    """The decoder, noting at each forward whether CPU autocast was on and in which dtype."""
+
+    def __init__(self, network):
+        self.network, self.seen = network, []
+
+    def __getattr__(self, name):
+        return getattr(self.network, name)
+
+    def __call__(self, *args, **kwargs):
+        self.seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+        return self.network(*args, **kwargs)
+
+
+def test_a_stage_precision_holds_in_every_thread_that_runs_the_shared_forward(tiny):
+    # Autocast is per thread and the shared forward runs in whichever loop completes a round
+    # (job 1's last round: from its own call after the others' finished()): every forward is in
+    # the stage's precision, and each request's images are those it gets alone in that precision.
+    (_, tokens), embeds = tiny["text"], torch.randn(3, tiny["decoder"].config.embed_dim)
+    recorder = _AutocastRecorder(tiny["decoder"])
+
+    def run_one(decoder, i):
+        seed, options = JOBS[i]
+        return decode(decoder, embeds[i : i + 1], tokens[i : i + 1], options, torch.Generator().manual_seed(seed))
+
+    bf16 = lambda: inference_precision("bf16", "cpu")  # noqa: E731
+    together, _ = asyncio.run(run_in_lockstep(recorder, [0, 1, 2], run_one, thread_context=bf16))
+    assert recorder.seen and set(recorder.seen) == {torch.bfloat16}
+    for i, images in enumerate(together):
+        with bf16():
+            alone = run_one(tiny["decoder"], i)
+        assert images.dtype == torch.float32
+        torch.testing.assert_close(images, alone, rtol=0, atol=2e-2)  # bf16 rounding of a larger batch
+
+
+def test_stage_settings_take_a_precision_and_refuse_unknown_ones():
+    from serve.model_stage import StageSettings
+
+    assert StageSettings.from_user_config("Decoder", {"precision": "bf16"}).precision == "bf16"
+    assert StageSettings.from_user_config("Decoder", None).precision == "auto"
+    with pytest.raises(ValueError, match="fp32, bf16, fp16"):
+        StageSettings.from_user_config("Decoder", {"precision": "fp8"})
 
 
 # --------------------------------------------------------------------------- dalle2 serve
