@@ -1,9 +1,10 @@
 """`dalle2 clip bundle`: a stock open_clip architecture (ViT-S-32, built randomly and saved as an
 open_clip checkpoint file, as a downloaded one would be) becomes a CLIP bundle whose embeddings
-are open_clip's own for that file. (Training the prior and the decoder on it is not tested yet.)"""
+are open_clip's own for that file; the prior and decoder jobs train on it."""
 
 from __future__ import annotations
 
+import json
 
 import open_clip
 import pytest
@@ -47,3 +48,23 @@ def test_clip_bundle_errors(tmp_path, capsys):
     assert main(["clip", "bundle", "--model", MODEL, "--pretrained", str(tmp_path / "absent.pt"), "--out", str(tmp_path / "b")]) == 2
     assert "no such checkpoint file" in capsys.readouterr().err
     assert main(["clip", "bundle", "--model", "ViT-Nope", "--pretrained", "x", "--out", str(tmp_path / "b")]) == 2
+
+
+@pytest.mark.slow
+def test_prior_and_decoder_train_on_the_pretrained_clip(pretrained_bundle, ray_cluster, train_shapes, tmp_path):
+    from dalle2.train.config import load_job_config
+    from dalle2.train.launch import run_job
+
+    out, _ = pretrained_bundle
+    for job in ("prior", "decoder"):
+        config = load_job_config(job, overrides={
+            "clip": out, "data": {"path": train_shapes},
+            "run": {"storage": str(tmp_path / "runs"), "name": job},
+            "loop": {"max_steps": 2, "batch_size": 4, "log_every": 1, "val_batches": 0, "checkpoint_every": 0,
+                     "sample_count": 0, "prior_stats_batches": 1},
+            "scaling": {"workers": 1, "cpus_per_worker": 0.5},
+        })  # fmt: skip
+        result = run_job(config)
+        assert result.metrics["step"] == 2 and result.metrics["loss"] == result.metrics["loss"]  # finite, not NaN
+        run_config = json.loads(open(f"{result.checkpoint_uri}/job.json").read())
+        assert run_config["model_config"]["embed_dim"] == 384  # sized by the pretrained CLIP
