@@ -9,7 +9,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from jobs.pipeline import load_pipeline_config, run_pipeline
+from jobs.stages import load_pipeline_config, run_pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "jobs", "configs")
@@ -36,7 +36,7 @@ def _write_config(tmp_path, **changes):
 def test_full_pipeline_returns_images_over_http_and_resumes(tmp_path):
     path = _write_config(tmp_path)
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": REPO}
-    run = subprocess.run([sys.executable, "-m", "jobs.pipeline", "--config", str(path)], cwd=REPO, env=env,
+    run = subprocess.run([sys.executable, "-m", "jobs.stages", "--config", str(path)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=1200)  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     grid = Image.open(tmp_path / "work" / "demo-grid.png")
@@ -48,7 +48,7 @@ def test_full_pipeline_returns_images_over_http_and_resumes(tmp_path):
         assert f"{job}: training tiny {job} for 3 steps from the embeddings" in run.stdout, run.stdout
 
     # Rerun: data, CLIP, embed and every other training stage are skipped; serving is not reached.
-    rerun = subprocess.run([sys.executable, "-m", "jobs.pipeline", "--config", str(path), "--stop-after", "upsampler"],
+    rerun = subprocess.run([sys.executable, "-m", "jobs.stages", "--config", str(path), "--stop-after", "upsampler"],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert rerun.stdout.count("exists, skipped") == 6, rerun.stdout
@@ -73,7 +73,7 @@ def test_a_taken_serve_port_is_refused_before_any_stage(tmp_path):
 
 
 def test_stage_without_its_input_bundle_is_a_clear_error(tmp_path, ray_cluster):
-    from jobs.pipeline import stage_data, stage_train
+    from jobs.stages import stage_data, stage_train
 
     config = load_pipeline_config(str(_write_config(tmp_path)))
     stage_data(config)
@@ -85,7 +85,7 @@ def test_stage_without_its_input_bundle_is_a_clear_error(tmp_path, ray_cluster):
 def test_embed_stage_needs_clip_and_the_prior_needs_the_embeddings(tmp_path):
     from dalle2.bundle import save_bundle
     from dalle2.factory import create_model
-    from jobs.pipeline import stage_embed, stage_train
+    from jobs.stages import stage_embed, stage_train
 
     config = load_pipeline_config(str(_write_config(tmp_path)))
     with pytest.raises(FileNotFoundError, match="embed: its input bundle .*clip is absent"):
@@ -105,7 +105,7 @@ def test_embed_stage_redoes_an_incomplete_output_then_skips(tmp_path, ray_cluste
     from dalle2.bundle import save_bundle
     from dalle2.data.schema import read_dataset
     from dalle2.factory import create_model
-    from jobs.pipeline import stage_data, stage_embed
+    from jobs.stages import stage_data, stage_embed
 
     config = load_pipeline_config(str(_write_config(tmp_path, shapes={"count": 24, "size": 32, "seed": 0})))
     stage_data(config)

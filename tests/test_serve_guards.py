@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from dalle2.images import InvalidInput, open_image
-from dalle2.pipeline import StageOptions
+from dalle2.cascade import StageOptions
 from serve.admission import Admission, DeadlinePolicy, RateLimiter
 from serve.api_keys import ADMIN_KEYS_ENV, API_KEYS_ENV, KeyConfigError, load_api_keys, require_keys_or_consent
 from serve.health import StageHealth, Unhealthy

@@ -46,7 +46,7 @@ import torch
 
 from dalle2.bundle import BundleError, load_bundle, read_bundle_header
 from dalle2.data import storage
-from dalle2.data.pipeline import DataConfig, DroppedRows, check_dataset, preprocessed_rows
+from dalle2.data.ray_reader import DataConfig, DroppedRows, check_dataset, preprocessed_rows
 from dalle2.data.preprocess import to_model_images
 from dalle2.data.schema import PARQUET_SUFFIX
 

@@ -2,9 +2,9 @@
 
 Every caption states every attribute of its image ("a small red circle at the top left
 on a white background"), and the attributes are kept as columns, so a model trained on
-it can be checked against its prompt: :func:`estimate_attributes` (the checker of
-:mod:`dalle2.eval.shapes_checker`) reads the attributes back from pixels, and recovers all
-of them from the rendered training images.
+it can be checked against its prompt: :mod:`dalle2.eval.shapes_checker` reads the
+attributes back from pixels (with this module's vocabulary), and recovers all of them from
+the rendered training images. This module never imports the checker.
 
 Row ``i`` depends only on ``(seed, i)``: the same seed gives the same rows and the same
 file bytes, and a larger ``count`` only appends rows.
@@ -147,10 +147,3 @@ def write_shapes_dataset(
             writer.write(shapes_table(start, min(start + rows_per_file, count), image_size, seed))
     return writer.files
 
-
-def estimate_attributes(image: np.ndarray) -> dict[str, str | None]:
-    """Read shape, color, size, position and background back from an image [H, W, 3]
-    uint8; see :mod:`dalle2.eval.shapes_checker`, which holds the one implementation."""
-    from dalle2.eval.shapes_checker import read_attributes  # the checker imports this module
-
-    return read_attributes(image)

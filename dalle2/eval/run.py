@@ -41,7 +41,7 @@ from dalle2.data.shapes import LABEL_COLUMNS
 from dalle2.eval import metrics
 from dalle2.eval.shapes_checker import read_attributes
 from dalle2.images import png_bytes, tensor_to_images
-from dalle2.pipeline import GenerationOptions, StageOptions, UnCLIP, decode, load_bundles, sample_image_embeds, upsample
+from dalle2.cascade import GenerationOptions, StageOptions, UnCLIP, decode, load_bundles, sample_image_embeds, upsample
 from dalle2.precision import inference_precision, resolve_precision
 from dalle2.sampling import SAMPLERS
 from dalle2.train.samples import image_grid, similarity_image
@@ -95,7 +95,7 @@ def _sampler_name(text: str) -> str:
 
 @dataclass(frozen=True)
 class Steps:
-    """Sampling steps per diffusion stage; None = dalle2 generate's default (dalle2.pipeline.GenerationOptions)."""
+    """Sampling steps per diffusion stage; None = dalle2 generate's default (dalle2.cascade.GenerationOptions)."""
 
     prior: Optional[int] = None
     decoder: Optional[int] = None
@@ -149,7 +149,7 @@ class EvalSettings:
     # image, what users get) or "image" (the held-out images' own CLIP embeddings). Scoring both
     # tells a prior that loses an attribute from a decoder that cannot draw it.
     decode_from: str = "prior"
-    low_res_consistency: bool = True  # the pipeline's default (dalle2.pipeline.upsample)
+    low_res_consistency: bool = True  # the pipeline's default (dalle2.cascade.upsample)
     precision: Optional[str] = None  # the networks' precision (dalle2.precision); None = bf16 on CUDA, fp32 on CPU
 
     def __post_init__(self) -> None:

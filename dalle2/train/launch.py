@@ -134,7 +134,7 @@ def training_datasets(checked: CheckedJob):
     """(train, validation, dropped-rows actor or None) of a checked job: ``train`` is a
     :class:`dalle2.data.stream.TrainingSource` (each worker reads its own shuffled, resumable
     share) for images and the decoder's embedding rows, a Ray dataset for the prior's embeddings."""
-    from dalle2.data.pipeline import DataConfig, build_training_data
+    from dalle2.data.ray_reader import DataConfig, build_training_data
     from dalle2.train.embeddings import DECODER_CARRY, PRIOR_COLUMNS, embedding_rows
 
     spec = checked.job.data

@@ -1,6 +1,6 @@
 """The whole system, stage by stage: data -> CLIP -> embed -> prior -> decoder -> upsampler -> serve -> images.
 
-    python -m jobs.pipeline --config jobs/configs/demo-tiny-cpu.yaml     # = dalle2 pipeline --config ...
+    python -m jobs.stages --config jobs/configs/demo-tiny-cpu.yaml     # = dalle2 pipeline --config ...
     dalle2 demo                                                          # the same with the demo config
 
 The embed stage runs the trained CLIP once over the dataset (``dalle2 data embed``, keeping the
@@ -334,7 +334,7 @@ def run_pipeline(config: PipelineConfig, stop_after: Optional[str] = None) -> di
 def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    parser = argparse.ArgumentParser(prog="python -m jobs.pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m jobs.stages", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_pipeline_arguments(parser)
     args = parser.parse_args(argv)
     return cmd_pipeline(args)
