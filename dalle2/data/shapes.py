@@ -142,8 +142,12 @@ def write_shapes_dataset(
     """Write ``count`` rows as Parquet shards under ``out_uri``; returns the file URIs."""
     if count < 1 or image_size < 8:
         raise ValueError(f"need count >= 1 and size >= 8, got count={count}, size={image_size}")
-    with ShardWriter(out_uri, SHAPES_SCHEMA, rows_per_file=rows_per_file) as writer:
+    from dalle2.progress_bars import Bar
+
+    with ShardWriter(out_uri, SHAPES_SCHEMA, rows_per_file=rows_per_file) as writer, Bar(count, "data: rendering", "img") as bar:
         for start in range(0, count, rows_per_file):
-            writer.write(shapes_table(start, min(start + rows_per_file, count), image_size, seed))
+            stop = min(start + rows_per_file, count)
+            writer.write(shapes_table(start, stop, image_size, seed))
+            bar.update(stop - start)
     return writer.files
 
