@@ -34,7 +34,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _options(args: argparse.Namespace):
-    from dalle2.pipeline import GenerationOptions, StageOptions
+    from dalle2.cascade import GenerationOptions, StageOptions
 
     defaults = GenerationOptions()
 
@@ -75,7 +75,7 @@ def _save(images, args: argparse.Namespace, columns: int) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from dalle2.pipeline import UnCLIP, text_to_image
+    from dalle2.cascade import UnCLIP, text_to_image
 
     pipe = UnCLIP.from_bundles(args.bundles, device=args.device)
     images = text_to_image(pipe, args.prompts, _options(args), _progress_printer(args.quiet))
@@ -85,7 +85,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_variations(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from dalle2.pipeline import UnCLIP, variations
+    from dalle2.cascade import UnCLIP, variations
 
     pipe = UnCLIP.from_bundles(args.bundles, device=args.device)
     images = variations(pipe, [Image.open(p) for p in args.images], _options(args), _progress_printer(args.quiet))
@@ -95,7 +95,7 @@ def cmd_variations(args: argparse.Namespace) -> int:
 def cmd_edit(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from dalle2.pipeline import UnCLIP, edit
+    from dalle2.cascade import UnCLIP, edit
 
     pipe = UnCLIP.from_bundles(args.bundles, device=args.device)
     images = edit(pipe, Image.open(args.image), Image.open(args.mask), args.prompt, _options(args), _progress_printer(args.quiet))
@@ -110,7 +110,7 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="grid.png", help="PNG grid to write")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quiet", action="store_true", help="no per-step progress on stderr")
-    from dalle2.pipeline import GenerationOptions
+    from dalle2.cascade import GenerationOptions
     from dalle2.sampling import SAMPLERS
 
     defaults = GenerationOptions()
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from jobs.pipeline import cmd_pipeline
+    from jobs.stages import cmd_pipeline
 
     return cmd_pipeline(args)
 
@@ -188,7 +188,7 @@ def _add_optional_commands(commands: argparse._SubParsersAction) -> None:
     from dalle2.eval.cli import add_eval_commands
     from dalle2.serve_cli import add_serve_commands
     from dalle2.train.cli import add_train_commands
-    from jobs.pipeline import add_pipeline_arguments
+    from jobs.stages import add_pipeline_arguments
 
     add_data_commands(commands)
     add_train_commands(commands)

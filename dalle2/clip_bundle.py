@@ -7,7 +7,7 @@ decoder train on the frozen pretrained CLIP that the paper and every open reprod
 
 The bundle carries the weights: its config names the architecture and no checkpoint file, so it
 loads anywhere (``dalle2.bundle.load_bundle``). ``clip: {bundle: DIR}`` in a pipeline config then
-skips CLIP training (jobs/pipeline.py).
+skips CLIP training (jobs/stages.py).
 """
 
 from __future__ import annotations

@@ -14,5 +14,5 @@
     web.py               the page at /
     config.yaml          CPU settings; config.gpu.yaml: placement on 4 GPUs
 
-Ray stays here: the stages call the plain functions of dalle2.pipeline.
+Ray stays here: the stages call the plain functions of dalle2.cascade.
 """

@@ -43,7 +43,7 @@ class BenchSettings:
     bundles: Optional[str] = None
     port: int = 8123
     size: int = 64
-    prior_steps: Optional[int] = None  # None: the API's default (dalle2.pipeline.GenerationOptions)
+    prior_steps: Optional[int] = None  # None: the API's default (dalle2.cascade.GenerationOptions)
     decoder_steps: Optional[int] = None
     upsampler_steps: Optional[int] = None
     latency_requests: int = 10
@@ -143,7 +143,7 @@ def in_process_times(settings: BenchSettings, bundles: str) -> list[float]:
     """Seconds of ``text_to_image`` calls in this process (the baseline of the latency figure)."""
     import torch
 
-    from dalle2.pipeline import GenerationOptions, StageOptions, UnCLIP, text_to_image
+    from dalle2.cascade import GenerationOptions, StageOptions, UnCLIP, text_to_image
 
     torch.set_num_threads(1)  # as a replica with a fraction of a CPU (Ray: OMP_NUM_THREADS=1)
     pipe = UnCLIP.from_bundles(bundles)

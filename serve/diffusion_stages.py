@@ -16,7 +16,7 @@ from ray import serve
 
 from dalle2.clip import TextEncoding
 from dalle2.images import edit_mask, image_to_tensor
-from dalle2.pipeline import StageOptions, decode, sample_image_embeds, upsample
+from dalle2.cascade import StageOptions, decode, sample_image_embeds, upsample
 from dalle2.prior import DiffusionPrior
 from serve.lockstep import SharedForward
 from serve.messages import DiffusionJob, EncodedText, Latents, Pixels, PriorJob, stage_generator
@@ -78,7 +78,7 @@ class Prior(ModelStage):
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=16)
 class Decoder(ModelStage):
     """CLIP image embeddings (+ caption) -> images at the decoder's size (DALL-E 2 section 2.1).
-    Edits: the known pixels are kept (inpainting), see ``dalle2.pipeline.edit``."""
+    Edits: the known pixels are kept (inpainting), see ``dalle2.cascade.edit``."""
 
     kind, stage, batched_method = "decoder", "decoder", "_decode_batch"
 

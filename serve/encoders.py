@@ -16,7 +16,7 @@ from ray import serve
 
 from dalle2.clip import TextEncoding
 from dalle2.images import InvalidInput, image_to_tensor
-from dalle2.pipeline import encode_prompts
+from dalle2.cascade import encode_prompts
 from serve.messages import EncodedText, Latents
 from serve.model_stage import ModelStage, batched, raise_if_error
 
@@ -74,7 +74,7 @@ class ImageEncoder(ModelStage):
         size = self.model.config.image_size
 
         @torch.no_grad()
-        def encode() -> torch.Tensor:  # the same as dalle2.pipeline.image_embeds_of
+        def encode() -> torch.Tensor:  # the same as dalle2.cascade.image_embeds_of
             batch = torch.cat([image_to_tensor(image, size) for image, _ in items]).to(self.device)
             with self.in_precision():
                 return self.model.encode_image(batch).float().cpu()

@@ -15,7 +15,7 @@ the cascade uses them at, so the stages are never sent a full-size upload.
 Our extras, in JSON or as form fields: ``seed`` and, per stage, ``prior_steps``,
 ``prior_guidance_scale``, ``prior_sampler``, ``decoder_steps``, ``decoder_guidance_scale``,
 ``decoder_sampler``, ``upsampler_steps``, ``upsampler_sampler`` (``dpmpp_2m``, ``ddim`` or ``ddpm``);
-a stage's missing fields take ``dalle2.pipeline.GenerationOptions``' defaults.
+a stage's missing fields take ``dalle2.cascade.GenerationOptions``' defaults.
 Each check raises :class:`~serve.http_errors.ApiError` naming the offending field (``param``).
 
 Documented handling, as the library's: images of any mode are converted to RGB; a non-square
@@ -34,7 +34,7 @@ from typing import Any, Literal, Optional, Sequence
 from PIL import Image
 
 from dalle2.images import MAX_IMAGE_SIDE, InvalidInput, center_square, open_image, to_rgb
-from dalle2.pipeline import MAX_IMAGES, GenerationOptions, StageOptions, check_options
+from dalle2.cascade import MAX_IMAGES, GenerationOptions, StageOptions, check_options
 from serve.http_errors import ApiError, bad_request
 
 ResponseFormat = Literal["b64_json", "url"]
@@ -92,7 +92,7 @@ class ServedSizes:
     clip_input: int  # the CLIP image size (variations' uploads are reduced to it)
 
     @property
-    def sizes(self) -> list[int]:  # what dalle2.pipeline.check_options reads
+    def sizes(self) -> list[int]:  # what dalle2.cascade.check_options reads
         extra = [512] if 1024 in self.cascade and 512 not in self.cascade else []
         return sorted(set(self.cascade) | set(extra))
 

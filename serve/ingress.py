@@ -127,7 +127,7 @@ def _finish_images(request: ImageRequest, pixels: Pixels, base_size: int) -> lis
     """PNGs of the final images (run in a thread: encoding is CPU work)."""
     images = pixels.images
     if request.kind == "edit" and images.shape[-1] != base_size:
-        # As dalle2.pipeline.edit: the kept pixels are restored exactly at the output size.
+        # As dalle2.cascade.edit: the kept pixels are restored exactly at the output size.
         keep = edit_mask(request.mask, request.image, images.shape[-1]).to(images)
         images = keep * image_to_tensor(request.image, images.shape[-1]).to(images) + (1 - keep) * images
     finals = tensor_to_images(images)
@@ -320,7 +320,7 @@ class Ingress:
             latents = then(stages.prior.sample.remote(text, PriorJob(options.seed, options.prior, draws=options.n)))
         elif request.kind == "variation":
             latents = then(stages.image_encoder.encode.remote(request.image, copies=options.n))
-        else:  # an edit paints toward one embedding of its prompt, as dalle2.pipeline.edit
+        else:  # an edit paints toward one embedding of its prompt, as dalle2.cascade.edit
             text = then(stages.text_encoder.encode.remote(request.prompt))
             latents = then(stages.prior.sample.remote(text, PriorJob(options.seed, options.prior, draws=1, copies=options.n)))
         known = None

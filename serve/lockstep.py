@@ -3,7 +3,7 @@
 A batch that ``@serve.batch`` hands a model deployment holds requests that may differ in seed,
 number of steps, guidance scale and, for edits, the known pixels. Rather than forcing them into
 one tensor (which would need one seed, one step count, one guidance scale), each request runs the
-library's own stage function (``dalle2.pipeline.decode``, ``upsample``, ``sample_image_embeds``)
+library's own stage function (``dalle2.cascade.decode``, ``upsample``, ``sample_image_embeds``)
 with its own generator, in its own thread, against a :class:`SharedForward` stand-in for the
 network. At every step each loop calls the stand-in; when every loop still running has called,
 the stand-in runs ONE forward on the concatenated rows and hands each loop its rows back.

@@ -8,7 +8,7 @@ through the ingress, except the last one. Tensors are on the CPU between stages.
     ImageEncoder  -> Latents                               -> Decoder -> Pixels -> Upsampler.. -> Pixels
 
 Noise: a request's seed seeds one ``torch.Generator`` that the stages use in turn, exactly as
-``dalle2.pipeline`` threads one generator through the stages of a call. Each stage sends the
+``dalle2.cascade`` threads one generator through the stages of a call. Each stage sends the
 generator's state along with its output; the next stage resumes from it. So an image made over
 HTTP is the image ``text_to_image`` (or ``variations``, ``edit``) makes in-process from the same
 seed, and batching several requests never mixes their noise.
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from dalle2.clip import TextEncoding
-from dalle2.pipeline import StageOptions
+from dalle2.cascade import StageOptions
 
 
 def stage_generator(seed: int, state: Optional[Tensor]) -> torch.Generator:

@@ -36,7 +36,7 @@ from ray import serve
 
 from dalle2.bundle import CONFIG_FILE, load_bundle, read_bundle_header
 from dalle2.data.storage import join, read_bytes
-from dalle2.pipeline import MAX_IMAGES
+from dalle2.cascade import MAX_IMAGES
 from dalle2.precision import Precision, inference_precision, resolve_precision
 from serve.health import StageHealth
 from serve.lockstep import SharedForward, run_in_lockstep

@@ -13,7 +13,7 @@ from dalle2.decoder import Decoder
 from dalle2.diffusion import ClassifierFreeGuidance, GaussianDiffusion
 from dalle2.factory import create_model
 from dalle2.layers import timestep_embedding
-from dalle2.pipeline import StageOptions, decode
+from dalle2.cascade import StageOptions, decode
 from dalle2.prior import DiffusionPrior
 
 

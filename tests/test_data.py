@@ -24,6 +24,7 @@ from dalle2.data.schema import (
     dataset_files,
     read_dataset,
 )
+from dalle2.eval.shapes_checker import read_attributes
 
 START_OF_TEXT = 49406  # open_clip's BPE <start_of_text>
 
@@ -136,7 +137,7 @@ def test_shapes_captions_and_pixels_state_the_labels():
         assert all(word in caption for word in (row["shape"], row["color"], row["size"], where, row["background"]))
         image = decoded(row["image"])
         assert image.shape == (64, 64, 3) and (row["width"], row["height"]) == (64, 64)
-        assert shapes.estimate_attributes(image) == labels, caption
+        assert read_attributes(image) == labels, caption
 
 
 # ---------------------------------------------------------------- importer

@@ -44,7 +44,7 @@ def test_storage_round_trip_on_s3(s3_server):
 
 
 def test_wrong_credentials_are_one_clear_error(s3_server, monkeypatch):
-    from dalle2.data.pipeline import check_dataset  # the check runs before Ray is asked for anything
+    from dalle2.data.ray_reader import check_dataset  # the check runs before Ray is asked for anything
 
     root = s3_server.uri("locked")
     write_shapes_dataset(root, count=2, image_size=16)
@@ -113,7 +113,7 @@ def test_import_from_s3_folder_and_parquet_to_s3(s3_server, capsys):
 
 
 def test_unusable_datasets_fail_at_the_check(s3_server):
-    from dalle2.data.pipeline import check_dataset
+    from dalle2.data.ray_reader import check_dataset
 
     with pytest.raises(FileNotFoundError):
         check_dataset(s3_server.uri("nothing-here"))

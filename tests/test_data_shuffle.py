@@ -18,7 +18,7 @@ from ray import cloudpickle
 
 from dalle2.config import from_dict
 from dalle2.data.epochs import EpochPlan, Piece, ShuffleConfig, ShuffleMode, WindowShuffler, dataset_pieces, piece_order
-from dalle2.data.pipeline import DataConfig, build_training_data
+from dalle2.data.ray_reader import DataConfig, build_training_data
 from dalle2.data.preprocess import in_validation, preprocess_batch
 from dalle2.data.schema import read_dataset
 from dalle2.data.shapes import write_shapes_dataset

@@ -91,11 +91,6 @@ def test_checker_finds_nothing_on_a_plain_or_noisy_background():
     assert read_attributes(noisy)["shape"] is None
 
 
-def test_data_module_keeps_its_estimate_attributes():
-    (row,) = _rows(1, 64)
-    assert shapes.estimate_attributes(_pixels(row)) == {name: row[name] for name in shapes.LABEL_COLUMNS}
-
-
 # ------------------------------------------------------------------ metrics, golden values
 
 
@@ -150,7 +145,7 @@ def test_clip_score_prior_cosine_and_retrieval_golden():
 
 
 def test_samplers_parse_and_stage_options_fall_back_to_generates_defaults():
-    from dalle2.pipeline import GenerationOptions
+    from dalle2.cascade import GenerationOptions
 
     assert Samplers.parse("") == Samplers()
     assert Samplers.parse("ddim") == Samplers("ddim", "ddim", "ddim")

@@ -15,7 +15,7 @@ import torch
 
 from dalle2.factory import create_model
 from dalle2.images import InvalidInput
-from dalle2.pipeline import GenerationOptions, StageOptions, UnCLIP, text_to_image
+from dalle2.cascade import GenerationOptions, StageOptions, UnCLIP, text_to_image
 from dalle2.precision import Precision, inference_precision, resolve_precision
 
 

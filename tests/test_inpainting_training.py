@@ -12,7 +12,7 @@ from dalle2.data.preprocess import preprocess_batch
 from dalle2.data.shapes import shapes_table
 from dalle2.decoder import random_inpainting_masks
 from dalle2.factory import create_model
-from dalle2.pipeline import GenerationOptions, StageOptions, UnCLIP, edit
+from dalle2.cascade import GenerationOptions, StageOptions, UnCLIP, edit
 from dalle2.train.config import ModelSpec, resolve_model_config
 from dalle2.train.tasks import make_task
 

@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from dalle2.config import from_dict
-from dalle2.data import pipeline, storage
-from dalle2.data.pipeline import CollateTrainingBatch, DataConfig, build_datasets
+from dalle2.data import ray_reader, storage
+from dalle2.data.ray_reader import CollateTrainingBatch, DataConfig, build_datasets
 from dalle2.data.preprocess import Flip, in_validation
 from dalle2.data.schema import IMAGE_CAPTION_SCHEMA, DatasetError, read_dataset
 from dalle2.data.shapes import write_shapes_dataset
@@ -84,10 +84,10 @@ def test_a_map_task_yields_its_rows_in_blocks_of_the_byte_budget(monkeypatch):
     options = dict(dropped=None, rows_per_call=16, image_size=8, context_length=8, split="train", validation_fraction=0.0)
     row_bytes = 8 * 8 * 3 + 8 * 8 + 2 * 8  # pixels, tokens, two object pointers
 
-    whole = list(pipeline._preprocess_in_task(block, **options))
+    whole = list(ray_reader._preprocess_in_task(block, **options))
     assert [len(out["key"]) for out in whole] == [100]  # a small file is one block
     monkeypatch.setattr(pipeline, "OUTPUT_BLOCK_BYTES", 40 * row_bytes)
-    parts = list(pipeline._preprocess_in_task(block, **options))
+    parts = list(ray_reader._preprocess_in_task(block, **options))
     assert [len(out["key"]) for out in parts] == [48, 48, 4]  # whole calls of 16 rows, >= 40 rows each
     assert list(np.concatenate([out["key"] for out in parts])) == keys
     assert all(len(out["tokens"]) == len(out["image"]) == len(out["caption"]) == len(out["key"]) for out in parts)
@@ -139,7 +139,7 @@ def test_train_workers_stream_disjoint_shards(s3_server, ray_cluster, tmp_path):
         read_shard_keys,
         train_loop_config={"out": str(tmp_path), "image_size": IMAGE_SIZE},
         # Fractional CPUs: with 1 CPU each, 2 workers would hold both cores and the
-        # pipeline's tasks could never be scheduled (see dalle2.data.pipeline).
+        # pipeline's tasks could never be scheduled (see dalle2.data.ray_reader).
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.25}),
         datasets={"train": data.train},
         run_config=RunConfig(storage_path=str(tmp_path / "runs"), name="shards"),

@@ -20,7 +20,7 @@ from PIL import Image
 
 from dalle2.bundle import save_bundle
 from dalle2.factory import create_model
-from dalle2.pipeline import GenerationOptions, StageOptions, UnCLIP, text_to_image
+from dalle2.cascade import GenerationOptions, StageOptions, UnCLIP, text_to_image
 
 API_KEY = "test-key"
 ADMIN_KEY = "test-admin-key"
@@ -145,7 +145,7 @@ def test_same_seed_same_images_as_the_pipeline_in_process(serve_app):
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, again))
     other = _pngs(_generate(serve_app, **{**fields, "seed": 8}))
     assert not np.array_equal(np.asarray(first[0]), np.asarray(other[0]))
-    # The served graph threads the seed's generator through the stages as dalle2.pipeline does.
+    # The served graph threads the seed's generator through the stages as dalle2.cascade does.
     options = GenerationOptions(n=2, seed=7, size=64, prior=StageOptions(2), decoder=StageOptions(2, 3.0), upsampler=StageOptions(2))
     local = text_to_image(UnCLIP.from_bundles(serve_app.bundles), ["a red circle"], options)
     for served, expected in zip(first, local):

@@ -9,13 +9,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from dalle2.images import InvalidInput, open_image
-from dalle2.pipeline import DEFAULT_PRIOR, DEFAULT_UPSAMPLER, StageOptions
+from dalle2.cascade import DEFAULT_PRIOR, DEFAULT_UPSAMPLER
 from serve.admission import Admission, DeadlinePolicy, RateLimiter
 from serve.api_keys import ADMIN_KEYS_ENV, API_KEYS_ENV, KeyConfigError, load_api_keys, require_keys_or_consent
 from serve.health import StageHealth, Unhealthy

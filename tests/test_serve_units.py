@@ -13,7 +13,7 @@ from PIL import Image
 from dalle2.clip import TextEncoding
 from dalle2.factory import create_model
 from dalle2.images import InvalidInput
-from dalle2.pipeline import DEFAULT_DECODER, DEFAULT_PRIOR, StageOptions, decode, encode_prompts, sample_image_embeds, upsample
+from dalle2.cascade import DEFAULT_DECODER, DEFAULT_PRIOR, StageOptions, decode, encode_prompts, sample_image_embeds, upsample
 from dalle2.precision import inference_precision
 from serve.api_keys import API_KEYS_ENV, is_authorized, load_api_keys
 from serve.diffusion_stages import _PriorOnSharedNet

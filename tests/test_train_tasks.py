@@ -23,7 +23,7 @@ STEPS = 12
 
 
 def pipeline_batch(count: int, image_size: int, context_length: int) -> dict[str, np.ndarray]:
-    """What a worker receives from the Ray Data pipeline (dalle2.data.pipeline)."""
+    """What a worker receives from the Ray Data pipeline (dalle2.data.ray_reader)."""
     table = shapes_table(0, count, image_size=image_size)
     rows = {name: np.array(table[name].to_pylist(), dtype=object) for name in ("key", "caption", "image")}
     batch, drops = preprocess_batch(rows, image_size=image_size, context_length=context_length)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from dalle2.config import Degradation, Schedule, UpsamplerConfig, from_dict, read_preset_file
-from dalle2.pipeline import StageOptions, upsample
+from dalle2.cascade import StageOptions, upsample
 from dalle2.upsampler import Upsampler, degrade, downsample, gaussian_blur, jpeg_compress, low_res_projection, random_crop_pair
 
 PRESETS = ("tiny", "small", "base", "paper")

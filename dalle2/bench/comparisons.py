@@ -3,7 +3,7 @@
 1. Decoder training step at 64x64: our ``Decoder`` with ``GaussianDiffusion.training_loss`` against
    dalle2-pytorch's ``Unet`` in its ``Decoder``; target: ours >= 1.3x the images/s.
 2. Text -> 64x64 image, 25 prior steps and 25 decoder steps, guidance on in both: our
-   :func:`dalle2.pipeline.text_to_image` against diffusers' ``UnCLIPPipeline``; target: ours >= 2x
+   :func:`dalle2.cascade.text_to_image` against diffusers' ``UnCLIPPipeline``; target: ours >= 2x
    faster. The peer pipeline always runs a super-resolution stage; it is a minimal UNet here and
    the time spent in it is left out of the peer's figure.
 3. Text -> 64x64 image at each side's defaults (issue 23): ours at ``dalle2 generate``'s stage
@@ -127,11 +127,11 @@ PEER_DEFAULT_STEPS = 25  # UnCLIPPipeline.__call__'s prior_num_inference_steps a
 
 def compare_text_to_image(settings: BenchSettings, match: Match, at_defaults: bool = False) -> dict:
     """Equal steps (``settings.sample_steps``, DDIM for us), or with ``at_defaults`` each side's
-    default steps and sampler (ours: :data:`dalle2.pipeline.GenerationOptions`')."""
+    default steps and sampler (ours: :data:`dalle2.cascade.GenerationOptions`')."""
     from diffusers.utils import logging as diffusers_logging
 
     from dalle2.factory import create_model, load_config
-    from dalle2.pipeline import GenerationOptions, StageOptions, UnCLIP, text_to_image
+    from dalle2.cascade import GenerationOptions, StageOptions, UnCLIP, text_to_image
 
     diffusers_logging.set_verbosity_error()  # the pipeline's deprecation notice, on every call
     clip_config, prior_config = load_config("clip", settings.preset), load_config("prior", settings.preset)

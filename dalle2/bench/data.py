@@ -3,7 +3,7 @@
 Two figures, over the same Parquet files (a synthetic shapes dataset written for the run, or
 ``--data URI``):
 
-1. images/s that the pipeline (:func:`dalle2.data.pipeline.preprocessed_rows`: read, decode,
+1. images/s that the pipeline (:func:`dalle2.data.ray_reader.preprocessed_rows`: read, decode,
    resize, tokenize) delivers into 2 consuming Ray actors through ``streaming_split``, as Ray
    Train hands shards to its workers (half a CPU each, as in ``decoder-tiny-cpu.yaml``),
    against a plain single-process loop doing the same decode and resize (pyarrow +
@@ -234,7 +234,7 @@ def run_data_bench(settings: DataBenchSettings, log: Optional[Callable[[str], No
     import ray
 
     from dalle2.bench.timing import machine_info
-    from dalle2.data.pipeline import DataConfig, DroppedRows, check_dataset, preprocess_concurrency, preprocessed_rows
+    from dalle2.data.ray_reader import DataConfig, DroppedRows, check_dataset, preprocess_concurrency, preprocessed_rows
 
     say = log or (lambda message: None)
     machine = machine_info()

@@ -180,7 +180,7 @@ def decoder_training_step(decoder: nn.Module, batch: int, context_length: int, g
 
 def decoder_sampling(decoder: nn.Module, settings: BenchSettings, context_length: int, generator: torch.Generator) -> Callable[[], torch.Tensor]:
     from dalle2.clip import tokenize
-    from dalle2.pipeline import StageOptions, decode
+    from dalle2.cascade import StageOptions, decode
 
     small = settings.sample_batch
     image_embed = torch.randn(small, decoder.config.embed_dim, generator=generator)
@@ -213,7 +213,7 @@ def decoder_workload(preset: str, settings: BenchSettings, generator: torch.Gene
 def upsampler_workload(kind: str, preset: str, settings: BenchSettings, generator: torch.Generator) -> Workload:
     from dalle2.diffusion import GaussianDiffusion
     from dalle2.factory import create_model, load_config
-    from dalle2.pipeline import StageOptions, upsample
+    from dalle2.cascade import StageOptions, upsample
     from dalle2.upsampler import degrade, downsample, random_crop_pair
 
     config = load_config(kind, preset)

@@ -35,7 +35,9 @@ as numpy arrays of these shapes. Rows follow no particular order; join on ``key`
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 from dataclasses import dataclass
 from typing import Literal
 
@@ -46,9 +48,10 @@ import torch
 
 from dalle2.bundle import BundleError, load_bundle, read_bundle_header
 from dalle2.data import storage
-from dalle2.data.pipeline import DataConfig, DroppedRows, check_dataset, preprocessed_rows
+from dalle2.data.ray_reader import DataConfig, DroppedRows, check_dataset, preprocessed_rows
 from dalle2.data.preprocess import to_model_images
-from dalle2.data.schema import PARQUET_SUFFIX
+from dalle2.data.schema import PARQUET_SUFFIX, dataset_files
+from dalle2.progress_bars import Bar
 
 Accelerator = Literal["auto", "cpu", "gpu"]
 MANIFEST = "embed.json"  # written last: its presence means the output folder is complete
@@ -81,9 +84,10 @@ def _writable(array: np.ndarray) -> np.ndarray:
 class ClipEmbedder:
     """A Ray Data actor: loads the CLIP bundle once, then embeds batches of decoded rows."""
 
-    def __init__(self, clip_uri: str, use_gpu: bool):
+    def __init__(self, clip_uri: str, use_gpu: bool, counter=None):
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.clip = load_bundle(clip_uri, device=self.device).model
+        self.counter = counter  # an actor that counts the embedded rows, for the driver's progress bar
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = to_model_images(torch.from_numpy(_writable(batch["image"]))).to(self.device)  # [B, 3, S, S]
@@ -101,6 +105,8 @@ class ClipEmbedder:
         }
         if IMAGE_BYTES in batch:
             out["image"] = batch[IMAGE_BYTES]  # [B] the source's bytes, not the decoded pixels
+        if self.counter is not None:
+            self.counter.add.remote({"rows": len(batch["key"])})
         return out
 
 
@@ -113,6 +119,37 @@ def _use_gpu(accelerator: Accelerator) -> bool:
 def is_complete(out: str) -> bool:
     """Whether ``out`` holds the finished output of :func:`embed_dataset` (its manifest)."""
     return storage.exists(storage.join(out, MANIFEST))
+
+
+def _row_count(files: list[str]) -> int:
+    """Rows in the source's Parquet files, from their footers."""
+    count = 0
+    for file_uri in files:
+        with storage.open_input(file_uri) as file:
+            count += pq.read_metadata(file).num_rows
+    return count
+
+
+@contextlib.contextmanager
+def _progress(counter, total: int, desc: str):
+    """A driver thread that moves a progress bar to ``counter``'s total while the block runs."""
+    done = threading.Event()
+
+    def follow() -> None:
+        with Bar(total, desc, "img") as bar:
+            while True:
+                finished = done.wait(1.0)
+                bar.update(ray.get(counter.totals.remote()).get("rows", 0) - bar.done)
+                if finished:
+                    return
+
+    thread = threading.Thread(target=follow, name="embed-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def embed_dataset(config: EmbedConfig) -> EmbedReport:
@@ -140,9 +177,10 @@ def embed_dataset(config: EmbedConfig) -> EmbedReport:
     )
     carry = {"image": IMAGE_BYTES} if config.keep_images else None
     rows = preprocessed_rows(data_config, filesystem, files, "train", dropped, carry)
+    embedded = DroppedRows.remote()  # the same counting actor, here counting the rows embedded
     embeddings = rows.map_batches(
         ClipEmbedder,
-        fn_constructor_kwargs={"clip_uri": config.clip, "use_gpu": use_gpu},
+        fn_constructor_kwargs={"clip_uri": config.clip, "use_gpu": use_gpu, "counter": embedded},
         batch_format="numpy",
         batch_size=config.batch_size,
         concurrency=config.actors,  # a fixed pool of actors, each holding one CLIP
@@ -150,14 +188,11 @@ def embed_dataset(config: EmbedConfig) -> EmbedReport:
         num_cpus=config.cpus_per_task,
     )
     out_filesystem, out_path = storage.resolve(config.out)
-    embeddings.write_parquet(out_path, filesystem=out_filesystem, ray_remote_args={"num_cpus": config.cpus_per_task})
+    with _progress(embedded, _row_count(dataset_files(config.data)), "embed: CLIP"):
+        embeddings.write_parquet(out_path, filesystem=out_filesystem, ray_remote_args={"num_cpus": config.cpus_per_task})
 
     written = storage.list_files(config.out, suffix=PARQUET_SUFFIX)
-    count = 0
-    for file_uri in written:
-        with storage.open_input(file_uri) as file:
-            count += pq.read_metadata(file).num_rows
-    report = EmbedReport(rows=count, files=written, dropped=ray.get(dropped.totals.remote()))
+    report = EmbedReport(rows=_row_count(written), files=written, dropped=ray.get(dropped.totals.remote()))
     manifest = {
         "data": config.data, "clip": config.clip, "rows": report.rows, "files": len(written),
         "dropped": report.dropped, "images": config.keep_images,

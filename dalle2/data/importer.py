@@ -211,8 +211,11 @@ def import_dataset(
     schema = with_extra_columns(extras)
     skipped: collections.Counter = collections.Counter()
     pending: list[dict] = []
-    with ShardWriter(out, schema, rows_per_file=rows_per_file) as writer:
+    from dalle2.progress_bars import Bar
+
+    with ShardWriter(out, schema, rows_per_file=rows_per_file) as writer, Bar(None, "import", "rows") as bar:
         for row in rows:
+            bar.update()
             reason = _skip_reason(row)
             if reason is None:
                 try:

@@ -103,7 +103,7 @@ def read_schema(file_uri: str) -> pa.Schema:
 
 def read_dataset(uri: str, columns: Sequence[str] | None = None) -> pa.Table:
     """All rows of a dataset in one table, in file order. For inspection, tests and small
-    datasets; training streams the files through :mod:`dalle2.data.pipeline` instead."""
+    datasets; training streams the files through :mod:`dalle2.data.ray_reader` instead."""
     tables = []
     for file_uri in dataset_files(uri):
         with storage.open_input(file_uri) as file:

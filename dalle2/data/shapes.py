@@ -2,9 +2,9 @@
 
 Every caption states every attribute of its image ("a small red circle at the top left
 on a white background"), and the attributes are kept as columns, so a model trained on
-it can be checked against its prompt: :func:`estimate_attributes` (the checker of
-:mod:`dalle2.eval.shapes_checker`) reads the attributes back from pixels, and recovers all
-of them from the rendered training images.
+it can be checked against its prompt: :mod:`dalle2.eval.shapes_checker` reads the
+attributes back from pixels (with this module's vocabulary), and recovers all of them from
+the rendered training images. This module never imports the checker.
 
 Row ``i`` depends only on ``(seed, i)``: the same seed gives the same rows and the same
 file bytes, and a larger ``count`` only appends rows.
@@ -142,15 +142,12 @@ def write_shapes_dataset(
     """Write ``count`` rows as Parquet shards under ``out_uri``; returns the file URIs."""
     if count < 1 or image_size < 8:
         raise ValueError(f"need count >= 1 and size >= 8, got count={count}, size={image_size}")
-    with ShardWriter(out_uri, SHAPES_SCHEMA, rows_per_file=rows_per_file) as writer:
+    from dalle2.progress_bars import Bar
+
+    with ShardWriter(out_uri, SHAPES_SCHEMA, rows_per_file=rows_per_file) as writer, Bar(count, "data: rendering", "img") as bar:
         for start in range(0, count, rows_per_file):
-            writer.write(shapes_table(start, min(start + rows_per_file, count), image_size, seed))
+            stop = min(start + rows_per_file, count)
+            writer.write(shapes_table(start, stop, image_size, seed))
+            bar.update(stop - start)
     return writer.files
 
-
-def estimate_attributes(image: np.ndarray) -> dict[str, str | None]:
-    """Read shape, color, size, position and background back from an image [H, W, 3]
-    uint8; see :mod:`dalle2.eval.shapes_checker`, which holds the one implementation."""
-    from dalle2.eval.shapes_checker import read_attributes  # the checker imports this module
-
-    return read_attributes(image)

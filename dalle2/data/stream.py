@@ -42,12 +42,12 @@ SEQUENCE_COLUMN = "sequence_index"
 class TrainingSource:
     """Everything a worker needs to plan and read its epochs (built once, on the driver)."""
 
-    config: object  # dalle2.data.pipeline.DataConfig
+    config: object  # dalle2.data.ray_reader.DataConfig
     shuffle: ShuffleConfig
     pieces: tuple[Piece, ...]
     columns: tuple[str, ...]
     carry: Mapping[str, str] = field(default_factory=dict)
-    dropped: object = None  # the DroppedRows actor of dalle2.data.pipeline, or None
+    dropped: object = None  # the DroppedRows actor of dalle2.data.ray_reader, or None
     tasks_per_worker: int = 1
     # The row decoder run in the tasks (tests wrap it to count what is decoded).
     preprocess: Callable = preprocess_batch
@@ -142,7 +142,7 @@ def _decode_work(items: dict, *, source: TrainingSource, split: str = "train") -
 @contextlib.contextmanager
 def _ordered_context():
     """Datasets planned in the block deliver blocks in input order and reserve nothing per
-    operator (see dalle2.data.pipeline._pipeline_context)."""
+    operator (see dalle2.data.ray_reader._pipeline_context)."""
     import ray.data
 
     context = ray.data.DataContext.get_current()

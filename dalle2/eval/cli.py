@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -23,6 +24,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         precision=None if args.precision == "auto" else args.precision,
     )  # fmt: skip
     progress = None if args.quiet else (lambda message: print(f"  {message}", file=sys.stderr, flush=True))
+    if args.quiet:
+        from dalle2.progress_bars import set_stream
+
+        set_stream(open(os.devnull, "w"))  # no bar either
     report = run_eval(settings, progress)
     print(json.dumps(report, indent=2) if args.json else summary(report))
     return 0

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 import torch
 
 from dalle2.bundle import Bundle
+from dalle2.cascade import UnCLIP, decode, load_bundles, sample_image_embeds, upsample
 from dalle2.clip import Clip, TextEncoding
 from dalle2.data import storage
 from dalle2.data.preprocess import decode_image, preprocess_batch, to_model_images
@@ -42,8 +43,8 @@ from dalle2.eval import metrics
 from dalle2.eval.shapes_checker import read_attributes
 from dalle2.eval.stage_options import Samplers, Steps, stage_options
 from dalle2.images import png_bytes, tensor_to_images
-from dalle2.pipeline import UnCLIP, decode, load_bundles, sample_image_embeds, upsample
 from dalle2.precision import inference_precision, resolve_precision
+from dalle2.progress_bars import Bar
 from dalle2.train.samples import image_grid, similarity_image
 
 REPORT_VERSION = 1
@@ -80,7 +81,7 @@ class EvalSettings:
     # image, what users get) or "image" (the held-out images' own CLIP embeddings). Scoring both
     # tells a prior that loses an attribute from a decoder that cannot draw it.
     decode_from: str = "prior"
-    low_res_consistency: bool = True  # the pipeline's default (dalle2.pipeline.upsample)
+    low_res_consistency: bool = True  # the pipeline's default (dalle2.cascade.upsample)
     precision: Optional[str] = None  # the networks' precision (dalle2.precision); None = bf16 on CUDA, fp32 on CPU
 
     def __post_init__(self) -> None:
@@ -224,11 +225,13 @@ def _generate(pipe: UnCLIP, rows: HeldOut, embeds: torch.Tensor, settings: EvalS
     decoder_options = stage_options("decoder", settings.steps, settings.samplers, settings.decoder_guidance)
     upsampler_options = stage_options("upsampler", settings.steps, settings.samplers, 1.0)
     images = []
-    for part in _batches(len(rows), settings.batch_size):
-        decoded = decode(pipe.decoder, embeds[part].to(pipe.device), rows.tokens[part].to(pipe.device), decoder_options, generator)
-        upsampled = upsample(pipe.upsamplers, decoded, pipe.sizes[-1], upsampler_options, generator, low_res_consistency=settings.low_res_consistency)
-        images.append(upsampled.float().cpu())
-        progress(f"generated {part.stop}/{len(rows)} images")
+    with Bar(len(rows), "eval: generating", "img") as bar:
+        for part in _batches(len(rows), settings.batch_size):
+            decoded = decode(pipe.decoder, embeds[part].to(pipe.device), rows.tokens[part].to(pipe.device), decoder_options, generator)
+            upsampled = upsample(pipe.upsamplers, decoded, pipe.sizes[-1], upsampler_options, generator, low_res_consistency=settings.low_res_consistency)
+            images.append(upsampled.float().cpu())
+            bar.update(part.stop - part.start)
+    progress(f"generated {len(rows)} images")
     return torch.cat(images)
 
 

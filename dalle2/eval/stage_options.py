@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from dalle2.pipeline import GenerationOptions, StageOptions
+from dalle2.cascade import GenerationOptions, StageOptions
 from dalle2.sampling import SAMPLERS
 
 STAGES = ("prior", "decoder", "upsampler")
@@ -46,7 +46,7 @@ def _sampler_name(text: str) -> str:
 
 @dataclass(frozen=True)
 class Steps:
-    """Sampling steps per diffusion stage; None = dalle2 generate's default (dalle2.pipeline.GenerationOptions)."""
+    """Sampling steps per diffusion stage; None = dalle2 generate's default (dalle2.cascade.GenerationOptions)."""
 
     prior: Optional[int] = None
     decoder: Optional[int] = None

@@ -93,7 +93,7 @@ class DataSpec:
     format: DataFormat = DataFormat.IMAGES
     validation_fraction: float = 0.05
     flip: Flip = Flip.NONE
-    cpus_per_task: float = 0.25  # fractional: see dalle2.data.pipeline (a 2-core machine hangs at 1)
+    cpus_per_task: float = 0.25  # fractional: see dalle2.data.ray_reader (a 2-core machine hangs at 1)
     preprocess_batch_size: int = 128
     # Training rows: pieces in a new order every epoch, rows mixed in windows, from (seed, epoch);
     # {mode: none} reads in file order. Validation is never shuffled. See dalle2.data.epochs.

@@ -9,7 +9,7 @@ their workers never run CLIP. The rows hold ``key``, ``caption``, ``tokens`` [L]
   (:mod:`dalle2.data.stream`: shuffled, resumable, drops counted) with :func:`embedding_rows`
   in place of the image decoder.
 - The decoder reads ``key``, ``caption`` and ``image`` through the image pipeline (decode,
-  resize, tokenize, bad rows dropped and counted: :mod:`dalle2.data.pipeline`), which carries
+  resize, tokenize, bad rows dropped and counted: :mod:`dalle2.data.ray_reader`), which carries
   ``image_embed`` along (:data:`DECODER_CARRY`). The embedding is of the unflipped image, so
   this path refuses the flip augmentation (``dalle2.train.config``).
 

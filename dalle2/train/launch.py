@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pyarrow.parquet as pq
 
@@ -134,7 +134,7 @@ def training_datasets(checked: CheckedJob):
     """(train, validation, dropped-rows actor or None) of a checked job: ``train`` is a
     :class:`dalle2.data.stream.TrainingSource` (each worker reads its own shuffled, resumable
     share) for images and the decoder's embedding rows, a Ray dataset for the prior's embeddings."""
-    from dalle2.data.pipeline import DataConfig, build_training_data
+    from dalle2.data.ray_reader import DataConfig, build_training_data
     from dalle2.train.embeddings import DECODER_CARRY, PRIOR_COLUMNS, embedding_rows
 
     spec = checked.job.data
@@ -161,14 +161,16 @@ def training_datasets(checked: CheckedJob):
     return data.train, data.validation, data.dropped
 
 
-def run_job(job: JobConfig, hooks: Optional[TrainHooks] = None) -> TrainResult:
-    """Check the job, start (or join) Ray, and train; resumes when the run already has checkpoints."""
+def run_job(job: JobConfig, hooks: Optional[TrainHooks] = None, on_progress: Optional[Callable[[str], None]] = None) -> TrainResult:
+    """Check the job, start (or join) Ray, and train; resumes when the run already has checkpoints.
+    ``on_progress`` gets each progress line on the driver (else the Train controller prints them,
+    and Ray forwards them with its ``(TrainController pid=...)`` prefix)."""
     import ray
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from dalle2.train.progress import make_progress_callback
+    from dalle2.train.progress import forwarded_lines, make_progress_callback
 
     checked = check_job(job)
     if not ray.is_initialized():
@@ -184,23 +186,24 @@ def run_job(job: JobConfig, hooks: Optional[TrainHooks] = None) -> TrainResult:
     resources = {"CPU": job.scaling.cpus_per_worker}
     if job.scaling.use_gpu:
         resources["GPU"] = job.scaling.gpus_per_worker
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={
-            "job": job_to_dict(job), "model_config": to_dict(checked.model_config),
-            "run_uri": checked.run_uri, "hooks": hooks, "train_source": train if streamed else None,
-        },
-        torch_config=TorchConfig(backend=job.scaling.backend.value),
-        scaling_config=ScalingConfig(num_workers=job.scaling.workers, use_gpu=job.scaling.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(
-            name=job.run.name, storage_path=storage_path, storage_filesystem=filesystem,
-            failure_config=FailureConfig(max_failures=job.run.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=job.loop.keep_checkpoints),
-            callbacks=[make_progress_callback(job.job, checked.run_uri, dropped)],
-        ),
-        datasets=datasets,
-    )  # fmt: skip
-    result = trainer.fit()
+    with forwarded_lines(on_progress) as lines:  # progress lines from the Train controller to the driver
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={
+                "job": job_to_dict(job), "model_config": to_dict(checked.model_config),
+                "run_uri": checked.run_uri, "hooks": hooks, "train_source": train if streamed else None,
+            },
+            torch_config=TorchConfig(backend=job.scaling.backend.value),
+            scaling_config=ScalingConfig(num_workers=job.scaling.workers, use_gpu=job.scaling.use_gpu, resources_per_worker=resources),
+            run_config=RunConfig(
+                name=job.run.name, storage_path=storage_path, storage_filesystem=filesystem,
+                failure_config=FailureConfig(max_failures=job.run.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=job.loop.keep_checkpoints),
+                callbacks=[make_progress_callback(job.job, checked.run_uri, dropped, lines=lines)],
+            ),
+            datasets=datasets,
+        )  # fmt: skip
+        result = trainer.fit()
     checkpoint_uri = None
     if result.checkpoint is not None:
         checkpoint_uri = storage.join(checked.run_uri, result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1])

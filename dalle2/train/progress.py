@@ -1,9 +1,11 @@
-"""Progress people can follow: one line per report on the driver, and a metrics CSV in the run folder.
+"""Progress people can follow: one line per report on the driver, and the run's history in the run folder.
 
 :class:`ProgressCallback` is a Ray Train ``UserCallback``: it runs in the Train controller, sees
 every report of rank 0 (whose metrics are already averaged over the workers) and appends them
 to ``<run>/metrics.csv`` (local folder or ``s3://``), with the count of rows the data pipeline
-dropped so far.
+dropped so far, and to TensorBoard (and MLflow when ``MLFLOW_TRACKING_URI`` is set, see
+:mod:`dalle2.train.tracking`). Its line goes to the driver through a queue when the driver
+asks for it (:func:`forwarded_lines`), else it is printed where the controller runs.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from __future__ import annotations
 import csv
 import io
 import os
+import threading
 import time
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
 
 from dalle2.data import storage
 
@@ -88,10 +92,46 @@ def read_metrics(uri: str) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(storage.read_bytes(uri).decode())))
 
 
-def make_progress_callback(job: str, run_uri: str, dropped_rows=None):
-    """A Ray Train UserCallback (built here so that this module imports without Ray)."""
+@contextmanager
+def forwarded_lines(on_line: Optional[Callable[[str], None]]) -> Iterator[Any]:
+    """A Ray queue whose lines a driver thread hands to ``on_line`` until the block ends
+    (then the rest); yields None, and starts nothing, when ``on_line`` is None."""
+    if on_line is None:
+        yield None
+        return
+    from ray.util.queue import Empty, Queue
+
+    lines = Queue(actor_options={"num_cpus": 0})  # no CPU: a small cluster's are all in use
+    done = threading.Event()
+
+    def drain() -> None:
+        while not done.is_set():
+            try:
+                on_line(lines.get(timeout=0.5))
+            except Empty:
+                pass
+
+    thread = threading.Thread(target=drain, name="progress-lines", daemon=True)
+    thread.start()
+    try:
+        yield lines
+    finally:
+        done.set()
+        thread.join()
+        while not lines.empty():
+            on_line(lines.get_nowait())
+        lines.shutdown()
+
+
+def make_progress_callback(job: str, run_uri: str, dropped_rows=None, lines=None):
+    """A Ray Train UserCallback (built here so that this module imports without Ray); ``lines``:
+    a queue of :func:`forwarded_lines` for the progress lines."""
     import ray
     from ray.train import UserCallback
+
+    from dalle2.train.tracking import Trackers
+
+    trackers = Trackers(job, run_uri, os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("MLFLOW_EXPERIMENT_NAME", "dalle2"))
 
     class ProgressCallback(UserCallback):
         def __init__(self) -> None:
@@ -103,7 +143,17 @@ def make_progress_callback(job: str, run_uri: str, dropped_rows=None):
             row = dict(metrics[0])
             if dropped_rows is not None:
                 row["dropped_rows"] = sum(ray.get(dropped_rows.totals.remote()).values())
-            print(progress_line(job, row), flush=True)
+            line = progress_line(job, row)
+            print(line, flush=True)  # the controller's log (and the driver's when nothing forwards)
+            if lines is not None:
+                lines.put(line)
             self.log.append(row, flush=checkpoint is not None)
+            try:
+                trackers.add(row, flush=checkpoint is not None)
+            except Exception as error:  # noqa: BLE001 - a tracker's failure must not stop training
+                warning = f"{job}: tracking failed at step {row['step']}: {error!r}"
+                print(warning, flush=True)
+                if lines is not None:
+                    lines.put(warning)
 
     return ProgressCallback()

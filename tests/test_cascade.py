@@ -13,7 +13,7 @@ from dalle2.decoder import Decoder
 from dalle2.diffusion import GaussianDiffusion
 from dalle2.factory import create_model
 from dalle2.images import InvalidInput, image_to_tensor
-from dalle2.pipeline import (
+from dalle2.cascade import (
     GenerationOptions,
     StageOptions,
     UnCLIP,
@@ -231,7 +231,7 @@ def test_upsampler_guidance_is_refused_not_ignored(pipe):
 def test_text_diff_normalises_each_text_embedding_before_the_difference(pipe, monkeypatch):
     """Paper section 3.3: z_d = norm(z_t - z_t0) of unit text embeddings. Scaling one caption's
     embedding (CLIP's norms differ by caption) must not change the direction moved toward."""
-    import dalle2.pipeline as cascade
+    import dalle2.cascade as cascade
 
     decoded = []
     monkeypatch.setattr(cascade, "_decode_shared_noise", lambda pipe, embeds, size, options, progress: decoded.append(embeds) or [])

@@ -1,6 +1,6 @@
 """The whole system, stage by stage: data -> CLIP -> embed -> prior -> decoder -> upsampler -> serve -> images.
 
-    python -m jobs.pipeline --config jobs/configs/demo-tiny-cpu.yaml     # = dalle2 pipeline --config ...
+    python -m jobs.stages --config jobs/configs/demo-tiny-cpu.yaml     # = dalle2 pipeline --config ...
     dalle2 demo                                                          # the same with the demo config
 
 The embed stage runs the trained CLIP once over the dataset (``dalle2 data embed``, keeping the
@@ -30,8 +30,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Sequence
 
+from dalle2 import progress_bars
 from dalle2.config import from_dict
 from dalle2.data import storage
+from dalle2.train.progress import format_duration
+from jobs.console import Console, log_dir_of
 
 STAGES = ("clip", "embed", "prior", "decoder", "upsampler")  # in order, after the data; then serving
 FROM_EMBEDDINGS = ("prior", "decoder")  # the stages that train from the embed stage's rows
@@ -137,8 +140,15 @@ def load_pipeline_config(path: str) -> PipelineConfig:
     return from_dict(PipelineConfig, raw)
 
 
+CONSOLE = Console()  # run_pipeline's console while it runs; a plain one for in-process callers
+
+
 def say(message: str) -> None:
-    print(f"[pipeline {time.strftime('%H:%M:%S')}] {message}", flush=True)
+    CONSOLE.say(message)
+
+
+def header(title: str, **rows: str) -> None:
+    CONSOLE.header(title, **rows)
 
 
 # --- stages --------------------------------------------------------------------------------
@@ -155,8 +165,11 @@ def stage_data(config: PipelineConfig) -> None:
         return
     from dalle2.data.shapes import write_shapes_dataset
 
-    say(f"data: writing {config.shapes.count} shapes images ({config.shapes.size}px) to {config.data_uri}")
-    write_shapes_dataset(config.data_uri, count=config.shapes.count, image_size=config.shapes.size, seed=config.shapes.seed)
+    header("data: the synthetic shapes dataset", what=f"{config.shapes.count} images of {config.shapes.size}px, seed {config.shapes.seed}",
+           into=config.data_uri, log=CONSOLE.section("data"))  # fmt: skip
+    started = time.monotonic()
+    files = write_shapes_dataset(config.data_uri, count=config.shapes.count, image_size=config.shapes.size, seed=config.shapes.seed)
+    say(f"data: done in {format_duration(time.monotonic() - started)} | {len(files)} Parquet files")
 
 
 def _require_clip_bundle(config: PipelineConfig, stage: str) -> str:
@@ -179,7 +192,8 @@ def stage_embed(config: PipelineConfig, spec: EmbedSpec) -> str:
     if storage.exists(out):
         say(f"embed: removing the incomplete output of an interrupted run at {out}")
         storage.delete(out)
-    say(f"embed: CLIP embeddings of {config.data_uri} (with the images) into {out}")
+    header("embed: CLIP embeddings of the dataset, once, for the prior and the decoder",
+           data=config.data_uri, clip=clip, into=out, log=CONSOLE.section("embed"))  # fmt: skip
     started = time.monotonic()
     report = embed_dataset(
         EmbedConfig(
@@ -188,7 +202,7 @@ def stage_embed(config: PipelineConfig, spec: EmbedSpec) -> str:
         )
     )  # fmt: skip
     dropped = f", dropped {report.dropped}" if report.dropped else ""
-    say(f"embed: {report.rows} rows in {len(report.files)} files in {time.monotonic() - started:.0f} s{dropped}")
+    say(f"embed: done in {format_duration(time.monotonic() - started)} | {report.rows} rows in {len(report.files)} files{dropped}")
     return out
 
 
@@ -234,16 +248,25 @@ def stage_train(config: PipelineConfig, job: str, spec: StageSpec) -> str:
         if not is_complete(config.embeddings_uri):
             raise FileNotFoundError(f"{job}: its input embeddings {config.embeddings_uri} are absent or incomplete (run the embed stage first)")
     source = "the embeddings" if from_embeddings else "the images"
-    say(f"{job}: training {job_config.model.preset} {job_config.model_kind} for {job_config.loop.max_steps} steps from {source}")
+    scaling = job_config.scaling
+    devices = f"{scaling.workers} worker{'s' if scaling.workers > 1 else ''}" + (" (GPU)" if scaling.use_gpu else " (CPU)")
+    run = storage.join(job_config.run.storage, job_config.run.name)
+    header(
+        f"{job}: training {job_config.model.preset} {job_config.model_kind} for {job_config.loop.max_steps} steps from {source}",
+        model=f"{job_config.model.preset} {job_config.model_kind}, DeepSpeed ZeRO-{job_config.deepspeed.zero_stage} on {devices}",
+        data=job_config.data.path, run=f"{run} (metrics.csv, tensorboard/, checkpoints)", log=CONSOLE.section(job),
+    )  # fmt: skip
     started = time.monotonic()
-    result = run_job(job_config)
-    say(f"{job}: trained in {time.monotonic() - started:.0f} s ({_metrics_line(result.metrics)}); exporting to {bundle}")
+    result = run_job(job_config, on_progress=say if CONSOLE.redirected else None)
     export_run(result.run_uri, bundle)
+    metrics = _metrics_line(result.metrics)
+    say(f"{job}: done in {format_duration(time.monotonic() - started)}" + (f" | {metrics}" if metrics else "") + f" | bundle {bundle}")
     return bundle
 
 
 def _metrics_line(metrics: dict) -> str:
-    return ", ".join(f"{k} {metrics[k]:.4g}" for k in ("loss", "val_loss") if isinstance(metrics.get(k), (int, float)))
+    names = {"loss": "loss", "val_loss": "val"}
+    return " | ".join(f"{names[k]} {metrics[k]:.4f}" for k in names if isinstance(metrics.get(k), (int, float)))
 
 
 def _free_port() -> int:
@@ -269,12 +292,14 @@ def _post_json(url: str, body: dict, timeout: float = 600) -> dict:
         return json.loads(response.read())
 
 
-def stage_serve(config: PipelineConfig) -> str:
-    """Serve the bundles with Ray Serve, ask the HTTP API for each prompt, write a PNG grid."""
+def stage_serve(config: PipelineConfig) -> tuple[str, str]:
+    """Serve the bundles with Ray Serve, ask the HTTP API for each prompt, write a PNG grid;
+    returns the grid's URI and the URL it was served at."""
     from PIL import Image
     from ray import serve
 
     from dalle2.images import make_grid, png_bytes
+    from dalle2.progress_bars import Bar
     from serve.app import DEFAULT_CONFIG as SERVE_CONFIG
     from serve.app import app_from_config, read_serve_config
 
@@ -282,23 +307,40 @@ def stage_serve(config: PipelineConfig) -> str:
     port = config.serve.port or _free_port()
     bundles = storage.join(config.workdir, "bundles")
     bundles = bundles if "://" in bundles else os.path.abspath(bundles)  # replicas run elsewhere
-    say(f"serve: starting the Ray Serve app on 127.0.0.1:{port} with {bundles}")
+    header(f"serve: the bundles behind OpenAI's Images API at http://127.0.0.1:{port}/v1/images/generations",
+           bundles=bundles, log=CONSOLE.section("serve"))  # fmt: skip
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(app_from_config(serve_config, {"bundles": bundles}), name="dalle2", route_prefix="/", blocking=False)
         images = []
-        for prompt in config.serve.prompts:
-            started = time.monotonic()
-            reply = _post_json(
-                f"http://127.0.0.1:{port}/v1/images/generations",
-                {"prompt": prompt, "n": config.serve.n, "response_format": "b64_json", "seed": len(images)},
-            )
-            images += [Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))).convert("RGB") for item in reply["data"]]
-            say(f"serve: {prompt!r} -> {len(reply['data'])} images over HTTP in {time.monotonic() - started:.1f} s")
+        with Bar(len(config.serve.prompts) * config.serve.n, "serve: generating over HTTP", "img") as bar:
+            for prompt in config.serve.prompts:
+                reply = _post_json(
+                    f"http://127.0.0.1:{port}/v1/images/generations",
+                    {"prompt": prompt, "n": config.serve.n, "response_format": "b64_json", "seed": len(images)},
+                )
+                images += [Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))).convert("RGB") for item in reply["data"]]
+                bar.update(len(reply["data"]))
     finally:
         serve.shutdown()
     storage.write_bytes(config.grid_uri, png_bytes(make_grid(images, columns=config.serve.n)))
-    return config.grid_uri
+    say(f"serve: {len(images)} images in {config.grid_uri}")
+    return config.grid_uri, f"http://127.0.0.1:{port}"
+
+
+def start_ray() -> str:
+    """Join RAY_ADDRESS (``ray job submit`` sets it) or start a local Ray with its dashboard on
+    127.0.0.1; returns the dashboard's URL ("" when the cluster has none). The dashboard is
+    more than a view: Ray Train's placement-group cleaner asks its State API whether the
+    controller lives, and without one it asks 127.0.0.1:8265, where another Ray may answer
+    "no such actor" and have this run's workers removed."""
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    options = {"include_dashboard": True, "dashboard_host": "127.0.0.1"} if address == "local" else {}
+    context = ray.init(address=address, **options)
+    url = context.dashboard_url or ""
+    return url if not url or "://" in url else f"http://{url}"
 
 
 def run_pipeline(config: PipelineConfig, stop_after: Optional[str] = None) -> dict[str, str]:
@@ -314,7 +356,10 @@ def run_pipeline(config: PipelineConfig, stop_after: Optional[str] = None) -> di
     outputs["data"] = config.data_uri
     owns_ray = not ray.is_initialized()
     if owns_ray:
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
+        CONSOLE.section("ray")
+        outputs["dashboard"] = start_ray()
+        if outputs["dashboard"]:
+            say(f"Ray dashboard: {outputs['dashboard']} (jobs, Train runs, Serve applications, metrics; its token: `ray get-auth-token`)")
     try:
         for stage in STAGES:
             spec = getattr(config, stage)
@@ -323,18 +368,34 @@ def run_pipeline(config: PipelineConfig, stop_after: Optional[str] = None) -> di
             outputs[stage] = stage_embed(config, spec) if stage == "embed" else stage_train(config, stage, spec)
             if stop_after == stage:
                 return outputs
-        outputs["grid"] = stage_serve(config)
+        outputs["grid"], outputs["served"] = stage_serve(config)
     finally:
         if owns_ray:
+            CONSOLE.section("ray")
             ray.shutdown()
-    say(f"done in {time.monotonic() - started:.0f} s: the images are in {outputs['grid']}")
+    _closing_lines(config, outputs, time.monotonic() - started)
     return outputs
+
+
+def _closing_lines(config: PipelineConfig, outputs: dict[str, str], seconds: float) -> None:
+    bundles = storage.join(config.workdir, "bundles")
+    names = [os.path.basename(outputs[stage].rstrip("/")) for stage in STAGES if stage in outputs and stage != "embed"]
+    say(f"done in {format_duration(seconds)}")
+    header(
+        "where things are",
+        images=outputs["grid"],
+        bundle=f"{bundles} ({', '.join(names)})",
+        runs=f"tensorboard --logdir {storage.join(config.workdir, 'runs')}",
+        logs=CONSOLE.log_dir or "",
+        serve=f"served at {outputs['served']} during the run; again: dalle2 serve --bundles {bundles}",
+        eval=f"dalle2 eval --bundles {bundles} --data {config.data_uri} --out {storage.join(config.workdir, 'eval')}",
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    parser = argparse.ArgumentParser(prog="python -m jobs.pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m jobs.stages", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_pipeline_arguments(parser)
     args = parser.parse_args(argv)
     return cmd_pipeline(args)
@@ -345,21 +406,39 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", help="override the config's workdir (local or s3://)")
     parser.add_argument("--data", help="override the config's dataset (image-caption Parquet: a folder, file:// or s3://)")
     parser.add_argument("--stop-after", choices=STAGES, help="stop after this stage (before serving)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="Ray's, DeepSpeed's and the libraries' output on the console too (default: in <workdir>/logs)")  # fmt: skip
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
     import dataclasses
 
+    global CONSOLE
     try:
         config = load_pipeline_config(args.config)
         if args.workdir:
             config = dataclasses.replace(config, workdir=args.workdir)
         if args.data:
             config = dataclasses.replace(config, data=args.data)
-        run_pipeline(config, stop_after=args.stop_after)
     except (ValueError, OSError) as error:
         print(f"pipeline: error: {error}", file=sys.stderr)
         return 2
+    CONSOLE = Console(None if getattr(args, "verbose", False) else log_dir_of(config.workdir))
+    with CONSOLE:
+        progress_bars.set_stream(CONSOLE.stream)  # bars on the terminal, not in the logs
+        if CONSOLE.redirected:
+            say(f"pipeline {args.config}: workdir {config.workdir}; Ray, DeepSpeed and library output go to {CONSOLE.log_dir} (--verbose: here)")
+        try:
+            run_pipeline(config, stop_after=args.stop_after)
+        except (ValueError, OSError) as error:
+            CONSOLE.error(error)
+            return 2
+        except Exception as error:  # noqa: BLE001 - a training failure: its message here, its traceback in the log
+            CONSOLE.error(error)
+            return 1
+        finally:
+            CONSOLE = Console()
+            progress_bars.set_stream(None)
     return 0
 
 
