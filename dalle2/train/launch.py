@@ -6,7 +6,8 @@ Before any worker starts, :func:`check_job` raises one clear error for a config 
 run: wrong keys or types (already at load), a frozen CLIP bundle that is missing or of another
 kind, a dataset path without Parquet rows (or, for ``data.format: embeddings``, without the
 columns the job reads: the decoder's need the images), more workers than the cluster can place
-(or none of its CPU left for the data pipeline). Then a ``TorchTrainer`` runs :func:`train_worker` on
+(or none of its CPU left for the data pipeline), and what :mod:`dalle2.train.preflight` checks (the
+cluster answers, every worker's share holds a batch, a resume matches its checkpoint). Then a ``TorchTrainer`` runs :func:`train_worker` on
 every worker, with ``RunConfig(storage_path, name)``: the same name resumes the run.
 """
 
@@ -24,6 +25,7 @@ from dalle2.data.schema import TRAINING_COLUMNS, DatasetError, check_columns, da
 from dalle2.train.config import ConfigError, DataFormat, JobConfig, ScalingSpec, job_to_dict, resolve_model_config
 from dalle2.train.embeddings import EMBEDDING_COLUMNS, check_embedding_columns
 from dalle2.train.loop import TrainHooks, train_worker
+from dalle2.train.preflight import check_batches, check_resume, connect_ray
 from dalle2.train.tasks import data_resolution
 
 EPSILON = 1e-9  # resource arithmetic with fractional CPUs
@@ -171,11 +173,13 @@ def run_job(job: JobConfig, hooks: Optional[TrainHooks] = None) -> TrainResult:
     from dalle2.train.progress import make_progress_callback
 
     checked = check_job(job)
-    if not ray.is_initialized():
-        ray.init()  # RAY_ADDRESS or a `ray job submit` driver joins its cluster; else a local one
+    check_resume(job, checked.run_uri)
+    connect_ray()  # RAY_ADDRESS or a `ray job submit` driver joins its cluster; else a local one
     check_placement(job.scaling, job.data.cpus_per_task, ray.nodes())
 
     train, validation, dropped = training_datasets(checked)
+    if hasattr(train, "pieces"):  # a TrainingSource: its pieces know every worker's rows
+        check_batches(train.pieces, job)
     # A TrainingSource travels to the workers in the loop config (each reads its own share);
     # a Ray dataset is split among them by Ray Train.
     streamed = not isinstance(train, ray.data.Dataset)
