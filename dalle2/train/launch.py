@@ -195,7 +195,10 @@ def run_job(job: JobConfig, hooks: Optional[TrainHooks] = None) -> TrainResult:
             "run_uri": checked.run_uri, "hooks": hooks, "train_source": train if streamed else None,
         },
         torch_config=TorchConfig(backend=job.scaling.backend.value),
-        scaling_config=ScalingConfig(num_workers=job.scaling.workers, use_gpu=job.scaling.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=job.scaling.workers, use_gpu=job.scaling.use_gpu, resources_per_worker=resources,
+            placement_strategy=job.scaling.placement.value.upper(),
+        ),
         run_config=RunConfig(
             name=job.run.name, storage_path=storage_path, storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=job.run.max_failures),
