@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from dalle2.config import ClipConfig, from_dict, to_dict
 from dalle2.data import storage
 from dalle2.data.schema import TRAINING_COLUMNS, DatasetError, check_columns, dataset_files, read_schema
+from dalle2.train.capacity import autoscaler_node_types
 from dalle2.train.config import ConfigError, DataFormat, JobConfig, ScalingSpec, job_to_dict, resolve_model_config
 from dalle2.train.embeddings import EMBEDDING_COLUMNS, check_embedding_columns
 from dalle2.train.loop import TrainHooks, train_worker
@@ -87,30 +88,62 @@ def check_rows(path: str, columns: tuple[str, ...] = TRAINING_COLUMNS) -> int:
     raise DatasetError(f"{path}: {len(files)} Parquet files but no rows in them")
 
 
-def check_placement(scaling: ScalingSpec, data_cpus: float, nodes: list[dict]) -> None:
+def _fits(resources: dict, need_cpu: float, need_gpu: float) -> int:
+    """Workers of ``need_cpu`` CPU (+ ``need_gpu`` GPU) that one node of ``resources`` holds."""
+    fits = math.floor(resources.get("CPU", 0.0) / need_cpu + EPSILON)
+    if need_gpu:
+        fits = min(fits, math.floor(resources.get("GPU", 0.0) / need_gpu + EPSILON))
+    return fits
+
+
+def check_placement(scaling: ScalingSpec, data_cpus: float, nodes: list[dict], node_types: Optional[list] = None) -> Optional[str]:
     """Whether ``scaling.workers`` workers fit on the alive ``nodes`` (``ray.nodes()``) with CPU
-    left for the data pipeline's tasks; Ray would otherwise wait for resources forever."""
+    left for the data pipeline's tasks; Ray would otherwise wait for resources forever.
+
+    ``node_types`` (:func:`dalle2.train.capacity.autoscaler_node_types`): what an autoscaler can
+    add. Workers that do not fit the live nodes but fit what it can add pass, and the returned
+    line says so; a job that no node type could hold is refused all the same. A node type whose
+    resources are not declared (detected when it starts) cannot be checked: it is trusted."""
     need_cpu = scaling.cpus_per_worker
     need_gpu = scaling.gpus_per_worker if scaling.use_gpu else 0.0
-    placeable, total_cpu, total_gpu = 0, 0.0, 0.0
-    for node in nodes:
-        if not node.get("Alive", True):
-            continue
-        cpu, gpu = node["Resources"].get("CPU", 0.0), node["Resources"].get("GPU", 0.0)
-        total_cpu, total_gpu = total_cpu + cpu, total_gpu + gpu
-        fits = math.floor(cpu / need_cpu + EPSILON)
-        if need_gpu:
-            fits = min(fits, math.floor(gpu / need_gpu + EPSILON))
-        placeable += fits
+    alive = [node for node in nodes if node.get("Alive", True)]
+    placeable = sum(_fits(node["Resources"], need_cpu, need_gpu) for node in alive)
+    total_cpu = sum(node["Resources"].get("CPU", 0.0) for node in alive)
+    total_gpu = sum(node["Resources"].get("GPU", 0.0) for node in alive)
     wanted = f"{scaling.workers} workers of {need_cpu:g} CPU" + (f" + {need_gpu:g} GPU" if need_gpu else "")
-    have = f"{total_cpu:g} CPU" + (f", {total_gpu:g} GPU" if need_gpu else "") + f" on {len(nodes)} node(s)"
-    if placeable < scaling.workers:
+    have = f"{total_cpu:g} CPU" + (f", {total_gpu:g} GPU" if need_gpu else "") + f" on {len(alive)} node(s)"
+    note = None
+    if placeable < scaling.workers and node_types:
+        undeclared = [t.name for t in node_types if not t.resources]
+        added, added_cpu, used = 0, 0.0, []
+        for node_type in node_types:
+            if not node_type.resources:
+                continue
+            fits = _fits(node_type.resources, need_cpu, need_gpu)
+            count = math.ceil((scaling.workers - placeable - added) / fits) if fits else 0
+            count = count if node_type.max_count < 0 else min(count, node_type.max_count)
+            if count > 0:
+                added, added_cpu = added + fits * count, added_cpu + node_type.resources.get("CPU", 0.0) * count
+                used.append(f"{count} x {node_type.name}")
+        if placeable + added >= scaling.workers:
+            total_cpu += added_cpu
+            note = f"scaling: {wanted} do not fit the {have} alive now; the autoscaler can add {', '.join(used)}"
+        elif undeclared:
+            return f"scaling: {wanted} do not fit the {have} alive now; trusting the autoscaler's node types {', '.join(undeclared)} (their resources are not declared)"
+        else:
+            types = "; ".join(f"{t.name}: {t.resources} x {'any' if t.max_count < 0 else t.max_count}" for t in node_types)
+            raise ConfigError(
+                f"scaling: {wanted} cannot be placed: the cluster has {have} and its autoscaler can add at most "
+                f"({types}): fewer workers, less per worker, or a node type that holds them"
+            )
+    if placeable < scaling.workers and note is None:
         raise ConfigError(f"scaling: {wanted} cannot be placed: the cluster has {have} (fewer workers, or less per worker)")
     if total_cpu - scaling.workers * need_cpu < data_cpus - EPSILON:
         raise ConfigError(
             f"scaling: {wanted} leave no CPU for the data pipeline ({data_cpus:g} per task) on a cluster of {have}: "
             "lower scaling.cpus_per_worker (fractional CPUs are fine)"
         )
+    return note
 
 
 def check_job(job: JobConfig) -> CheckedJob:
@@ -175,7 +208,9 @@ def run_job(job: JobConfig, hooks: Optional[TrainHooks] = None) -> TrainResult:
     checked = check_job(job)
     check_resume(job, checked.run_uri)
     connect_ray()  # RAY_ADDRESS or a `ray job submit` driver joins its cluster; else a local one
-    check_placement(job.scaling, job.data.cpus_per_task, ray.nodes())
+    note = check_placement(job.scaling, job.data.cpus_per_task, ray.nodes(), autoscaler_node_types())
+    if note:
+        print(note, flush=True)
 
     train, validation, dropped = training_datasets(checked)
     if hasattr(train, "pieces"):  # a TrainingSource: its pieces know every worker's rows
