@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Iterator, Optional
+from typing import Iterator
 
 import psutil
 
@@ -135,6 +135,101 @@ def node_cluster(head: dict, workers: list[dict]) -> Iterator[NodeCluster]:
         cluster = NodeCluster(head, workers)
         try:
             cluster.connect()
+            yield cluster
+        finally:
+            cluster.shutdown()
+
+
+def _processes_mentioning(marker: str) -> list[int]:
+    """Pids of the processes whose command line names ``marker`` (our own temp folder)."""
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        if any(marker in part for part in process.info["cmdline"] or ()):
+            found.append(process.info["pid"])
+    return found
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class AutoscalingNodeCluster:
+    """A head started by ``ray start --head --autoscaling-config`` with the fake multi-node
+    provider (``RAY_FAKE_CLUSTER=1``): the autoscaler starts and stops worker nodes of the
+    ``worker_types`` (``available_node_types`` entries) as the load asks.
+
+    As ``ray.cluster_utils.AutoscalingCluster.start`` does, without its ``ray stop --force``:
+    the head gets its own port and temp folder, and :meth:`shutdown` kills the processes whose
+    command line names that folder (the head's, and the nodes the autoscaler started, which
+    take the head's folder) with their children."""
+
+    def __init__(self, head_cpus: float, worker_types: dict, max_workers: int = 8):
+        import ray
+
+        self.temp_dir = tempfile.mkdtemp(prefix="d2as-", dir="/tmp")  # short: unix socket paths
+        self.port = _free_port()
+        ip = ray._private.services.get_node_ip_address()
+        self.address = f"{ip}:{self.port}"
+        self.config_path = os.path.join(self.temp_dir, "autoscaling.yaml")
+        config = {
+            "cluster_name": "dalle2-fake", "max_workers": max_workers, "head_node_type": "ray.head.default",
+            "provider": {
+                "type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                "disable_launch_config_check": True, "gcs_address": self.address,
+            },
+            "available_node_types": {
+                "ray.head.default": {"resources": {"CPU": head_cpus}, "node_config": {}, "max_workers": 0}, **worker_types,
+            },
+            "auth": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": 1, "docker": {},
+            "initialization_commands": [], "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
+            "head_start_ray_commands": [], "worker_start_ray_commands": [], "file_mounts": {},
+            "cluster_synced_files": [], "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+        }  # fmt: skip
+        import yaml
+
+        with open(self.config_path, "w") as file:
+            yaml.safe_dump(config, file)
+        # `ray start` asks for a token by default (~/.ray/auth_token); this driver, a test of the
+        # same user on 127.0.0.1, joins without one, as to conftest's ray.init(address="local").
+        env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_AUTH_MODE": "disabled"}
+        command = [
+            os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", f"--port={self.port}",
+            f"--num-cpus={head_cpus:g}", "--num-gpus=0", f"--temp-dir={self.temp_dir}", "--include-dashboard=false",
+            f"--autoscaling-config={self.config_path}", "--disable-usage-stats",
+        ]  # fmt: skip
+        try:
+            subprocess.run(command, env=env, check=True, capture_output=True, text=True, timeout=120)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def live_nodes(self) -> list[dict]:
+        import ray
+
+        return [node for node in ray.nodes() if node["Alive"]]
+
+    def shutdown(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        kill_tree(_processes_mentioning(self.temp_dir))
+        ray._private.services.find_gcs_addresses.cache_clear()
+
+
+@contextlib.contextmanager
+def autoscaling_cluster(head_cpus: float, worker_types: dict) -> Iterator[AutoscalingNodeCluster]:
+    """A connected :class:`AutoscalingNodeCluster`, its processes killed by pid at the end."""
+    import ray
+
+    with _own_driver():
+        cluster = AutoscalingNodeCluster(head_cpus, worker_types)
+        try:
+            ray.init(address=cluster.address)
             yield cluster
         finally:
             cluster.shutdown()
