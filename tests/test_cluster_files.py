@@ -53,6 +53,9 @@ def test_kuberay_manifests_are_v1_rayjobs_and_a_rayservice():
         assert any(f"python -m jobs.train_{stage} " in e for e in entrypoints), f"no RayJob trains the {stage}"
     assert any("python -m jobs.embed " in e for e in entrypoints), "no RayJob computes the embeddings"
     assert [doc["kind"] for _, doc in resources].count("RayService") == 1
+    for path, doc in resources:  # a failed RayJob is retried on a new cluster, resuming by --name
+        if doc["kind"] == "RayJob" and "jobs.train_" in doc["spec"]["entrypoint"]:
+            assert doc["spec"].get("backoffLimit", 0) >= 1, f"{path.name}: no backoffLimit"
 
 
 def cluster_specs() -> list[tuple[str, dict]]:

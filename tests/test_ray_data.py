@@ -86,7 +86,7 @@ def test_a_map_task_yields_its_rows_in_blocks_of_the_byte_budget(monkeypatch):
 
     whole = list(ray_reader._preprocess_in_task(block, **options))
     assert [len(out["key"]) for out in whole] == [100]  # a small file is one block
-    monkeypatch.setattr(pipeline, "OUTPUT_BLOCK_BYTES", 40 * row_bytes)
+    monkeypatch.setattr(ray_reader, "OUTPUT_BLOCK_BYTES", 40 * row_bytes)
     parts = list(ray_reader._preprocess_in_task(block, **options))
     assert [len(out["key"]) for out in parts] == [48, 48, 4]  # whole calls of 16 rows, >= 40 rows each
     assert list(np.concatenate([out["key"] for out in parts])) == keys

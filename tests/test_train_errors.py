@@ -110,3 +110,29 @@ def test_the_command_line_reports_bad_input_as_an_error(train_shapes, tmp_path, 
     config.write_text("job: clip\noptim: {lr: fast}\n")
     assert main_for_job("clip", ["--config", str(config), "--data", train_shapes]) == 2
     assert "optim.lr: expected a number, got 'fast'" in capsys.readouterr().err
+
+
+def test_placement_counts_what_the_autoscaler_can_add():
+    from dalle2.train.capacity import NodeType, node_types_from_config
+
+    head = [{"Alive": True, "Resources": {"CPU": 8.0}}]  # a `ray up` head: no GPU node alive yet
+    gpu_job = ScalingSpec(workers=8, cpus_per_worker=4.0, use_gpu=True, backend="nccl")
+    with pytest.raises(ConfigError, match=r"8 workers of 4 CPU \+ 1 GPU cannot be placed: the cluster has 8 CPU, 0 GPU on 1 node"):
+        check_placement(gpu_job, 0.25, head)  # no autoscaler: refused, as before
+    config = {
+        "max_workers": 12, "head_node_type": "head",
+        "available_node_types": {
+            "head": {"resources": {"CPU": 8}, "max_workers": 0},
+            "gpu-4": {"resources": {"CPU": 48, "GPU": 4}, "min_workers": 0, "max_workers": 4},
+            "cpu": {"resources": {"CPU": 16}, "max_workers": 0},
+        },
+    }  # fmt: skip
+    types = node_types_from_config(config)
+    assert types == [NodeType("gpu-4", {"CPU": 48.0, "GPU": 4.0}, 4)]
+    note = check_placement(gpu_job, 0.25, head, types)
+    assert note == "scaling: 8 workers of 4 CPU + 1 GPU do not fit the 8 CPU, 0 GPU on 1 node(s) alive now; the autoscaler can add 2 x gpu-4"
+    with pytest.raises(ConfigError, match=r"32 workers of 4 CPU \+ 1 GPU cannot be placed: .* its autoscaler can add at most \(gpu-4: .* x 4\)"):
+        check_placement(ScalingSpec(workers=32, cpus_per_worker=4.0, use_gpu=True, backend="nccl"), 0.25, head, types)
+    # resources detected at start (resources: {}) cannot be checked: trusted, and said so
+    trusted = check_placement(gpu_job, 0.25, head, [NodeType("gpu-auto", {}, 4)])
+    assert "trusting the autoscaler's node types gpu-auto" in trusted

@@ -275,3 +275,20 @@ def test_progress_line_and_metrics_csv(tmp_path):
     rows = read_metrics(str(tmp_path / "run" / "metrics.csv"))
     assert [r["step"] for r in rows] == ["40", "41"] and rows[0]["val_loss"] == "0.11" and rows[1]["val_loss"] == ""
     assert json.loads(json.dumps(rows))  # plain strings
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_replayed_steps_replace_their_rows(where, tmp_path, request):
+    """A restart from the step-4 checkpoint reports 6 again: each step stays in the CSV once, the
+    replay's values win; a new log (a resume by name) reads what the file holds."""
+    uri = str(tmp_path / "metrics.csv") if where == "local" else request.getfixturevalue("s3_server").uri("metrics") + "/metrics.csv"
+    row = {"loss": 1.0, "lr": 1e-3, "steps_per_s": 1.0, "samples_per_s": 8.0, "eta_s": 1.0}
+    log = MetricsLog(uri)
+    for step in (2, 4, 6):
+        log.append({**row, "step": step}, flush=False)
+    log.append({**row, "step": 6, "loss": 0.5})  # the restarted attempt
+    log.append({**row, "step": 8, "loss": 0.4})
+    assert [(r["step"], r["loss"]) for r in read_metrics(uri)] == [("2", "1.0"), ("4", "1.0"), ("6", "0.5"), ("8", "0.4")]
+    resumed = MetricsLog(uri)
+    resumed.append({**row, "step": 6, "loss": 0.3})
+    assert [r["step"] for r in read_metrics(uri)] == ["2", "4", "6"] and read_metrics(uri)[-1]["loss"] == "0.3"

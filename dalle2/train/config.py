@@ -77,6 +77,14 @@ class Backend(str, enum.Enum):
     NCCL = "nccl"  # NVIDIA GPUs
 
 
+class Placement(str, enum.Enum):
+    """How Ray places the workers' bundles (Ray Train's ``placement_strategy``)."""
+
+    PACK = "pack"  # as few nodes as possible (fast collectives within a node)
+    SPREAD = "spread"  # across nodes where it can: a lost node takes fewer workers with it
+    STRICT_SPREAD = "strict_spread"  # one worker per node, else the job waits for nodes
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     kind: str = ""  # clip | prior | decoder | upsampler_256 | upsampler_1024 ("" = the job's own kind)
@@ -184,6 +192,7 @@ class ScalingSpec:
     cpus_per_worker: float = 0.5  # fractional on small machines: Ray Data needs CPU beside the workers
     gpus_per_worker: float = 1.0  # only with use_gpu
     backend: Backend = Backend.GLOO
+    placement: Placement = Placement.PACK
     gpus_per_node: int = 8  # how the workers are spread over machines (ZeRO partitions, `dalle2 plan`)
     gpu_memory_gib: float = 0.0  # memory of one GPU, for `dalle2 plan` (0 = not declared)
 

@@ -6,7 +6,8 @@ Before any worker starts, :func:`check_job` raises one clear error for a config 
 run: wrong keys or types (already at load), a frozen CLIP bundle that is missing or of another
 kind, a dataset path without Parquet rows (or, for ``data.format: embeddings``, without the
 columns the job reads: the decoder's need the images), more workers than the cluster can place
-(or none of its CPU left for the data pipeline). Then a ``TorchTrainer`` runs :func:`train_worker` on
+(or none of its CPU left for the data pipeline), and what :mod:`dalle2.train.preflight` checks (the
+cluster answers, every worker's share holds a batch, a resume matches its checkpoint). Then a ``TorchTrainer`` runs :func:`train_worker` on
 every worker, with ``RunConfig(storage_path, name)``: the same name resumes the run.
 """
 
@@ -21,9 +22,11 @@ import pyarrow.parquet as pq
 from dalle2.config import ClipConfig, from_dict, to_dict
 from dalle2.data import storage
 from dalle2.data.schema import TRAINING_COLUMNS, DatasetError, check_columns, dataset_files, read_schema
+from dalle2.train.capacity import autoscaler_node_types
 from dalle2.train.config import ConfigError, DataFormat, JobConfig, ScalingSpec, job_to_dict, resolve_model_config
 from dalle2.train.embeddings import EMBEDDING_COLUMNS, check_embedding_columns
 from dalle2.train.loop import TrainHooks, train_worker
+from dalle2.train.preflight import check_batches, check_resume, connect_ray
 from dalle2.train.tasks import data_resolution
 
 EPSILON = 1e-9  # resource arithmetic with fractional CPUs
@@ -85,30 +88,62 @@ def check_rows(path: str, columns: tuple[str, ...] = TRAINING_COLUMNS) -> int:
     raise DatasetError(f"{path}: {len(files)} Parquet files but no rows in them")
 
 
-def check_placement(scaling: ScalingSpec, data_cpus: float, nodes: list[dict]) -> None:
+def _fits(resources: dict, need_cpu: float, need_gpu: float) -> int:
+    """Workers of ``need_cpu`` CPU (+ ``need_gpu`` GPU) that one node of ``resources`` holds."""
+    fits = math.floor(resources.get("CPU", 0.0) / need_cpu + EPSILON)
+    if need_gpu:
+        fits = min(fits, math.floor(resources.get("GPU", 0.0) / need_gpu + EPSILON))
+    return fits
+
+
+def check_placement(scaling: ScalingSpec, data_cpus: float, nodes: list[dict], node_types: Optional[list] = None) -> Optional[str]:
     """Whether ``scaling.workers`` workers fit on the alive ``nodes`` (``ray.nodes()``) with CPU
-    left for the data pipeline's tasks; Ray would otherwise wait for resources forever."""
+    left for the data pipeline's tasks; Ray would otherwise wait for resources forever.
+
+    ``node_types`` (:func:`dalle2.train.capacity.autoscaler_node_types`): what an autoscaler can
+    add. Workers that do not fit the live nodes but fit what it can add pass, and the returned
+    line says so; a job that no node type could hold is refused all the same. A node type whose
+    resources are not declared (detected when it starts) cannot be checked: it is trusted."""
     need_cpu = scaling.cpus_per_worker
     need_gpu = scaling.gpus_per_worker if scaling.use_gpu else 0.0
-    placeable, total_cpu, total_gpu = 0, 0.0, 0.0
-    for node in nodes:
-        if not node.get("Alive", True):
-            continue
-        cpu, gpu = node["Resources"].get("CPU", 0.0), node["Resources"].get("GPU", 0.0)
-        total_cpu, total_gpu = total_cpu + cpu, total_gpu + gpu
-        fits = math.floor(cpu / need_cpu + EPSILON)
-        if need_gpu:
-            fits = min(fits, math.floor(gpu / need_gpu + EPSILON))
-        placeable += fits
+    alive = [node for node in nodes if node.get("Alive", True)]
+    placeable = sum(_fits(node["Resources"], need_cpu, need_gpu) for node in alive)
+    total_cpu = sum(node["Resources"].get("CPU", 0.0) for node in alive)
+    total_gpu = sum(node["Resources"].get("GPU", 0.0) for node in alive)
     wanted = f"{scaling.workers} workers of {need_cpu:g} CPU" + (f" + {need_gpu:g} GPU" if need_gpu else "")
-    have = f"{total_cpu:g} CPU" + (f", {total_gpu:g} GPU" if need_gpu else "") + f" on {len(nodes)} node(s)"
-    if placeable < scaling.workers:
+    have = f"{total_cpu:g} CPU" + (f", {total_gpu:g} GPU" if need_gpu else "") + f" on {len(alive)} node(s)"
+    note = None
+    if placeable < scaling.workers and node_types:
+        undeclared = [t.name for t in node_types if not t.resources]
+        added, added_cpu, used = 0, 0.0, []
+        for node_type in node_types:
+            if not node_type.resources:
+                continue
+            fits = _fits(node_type.resources, need_cpu, need_gpu)
+            count = math.ceil((scaling.workers - placeable - added) / fits) if fits else 0
+            count = count if node_type.max_count < 0 else min(count, node_type.max_count)
+            if count > 0:
+                added, added_cpu = added + fits * count, added_cpu + node_type.resources.get("CPU", 0.0) * count
+                used.append(f"{count} x {node_type.name}")
+        if placeable + added >= scaling.workers:
+            total_cpu += added_cpu
+            note = f"scaling: {wanted} do not fit the {have} alive now; the autoscaler can add {', '.join(used)}"
+        elif undeclared:
+            return f"scaling: {wanted} do not fit the {have} alive now; trusting the autoscaler's node types {', '.join(undeclared)} (their resources are not declared)"
+        else:
+            types = "; ".join(f"{t.name}: {t.resources} x {'any' if t.max_count < 0 else t.max_count}" for t in node_types)
+            raise ConfigError(
+                f"scaling: {wanted} cannot be placed: the cluster has {have} and its autoscaler can add at most "
+                f"({types}): fewer workers, less per worker, or a node type that holds them"
+            )
+    if placeable < scaling.workers and note is None:
         raise ConfigError(f"scaling: {wanted} cannot be placed: the cluster has {have} (fewer workers, or less per worker)")
     if total_cpu - scaling.workers * need_cpu < data_cpus - EPSILON:
         raise ConfigError(
             f"scaling: {wanted} leave no CPU for the data pipeline ({data_cpus:g} per task) on a cluster of {have}: "
             "lower scaling.cpus_per_worker (fractional CPUs are fine)"
         )
+    return note
 
 
 def check_job(job: JobConfig) -> CheckedJob:
@@ -173,11 +208,15 @@ def run_job(job: JobConfig, hooks: Optional[TrainHooks] = None, on_progress: Opt
     from dalle2.train.progress import forwarded_lines, make_progress_callback
 
     checked = check_job(job)
-    if not ray.is_initialized():
-        ray.init()  # RAY_ADDRESS or a `ray job submit` driver joins its cluster; else a local one
-    check_placement(job.scaling, job.data.cpus_per_task, ray.nodes())
+    check_resume(job, checked.run_uri)
+    connect_ray()  # RAY_ADDRESS or a `ray job submit` driver joins its cluster; else a local one
+    note = check_placement(job.scaling, job.data.cpus_per_task, ray.nodes(), autoscaler_node_types())
+    if note:
+        print(note, flush=True)
 
     train, validation, dropped = training_datasets(checked)
+    if hasattr(train, "pieces"):  # a TrainingSource: its pieces know every worker's rows
+        check_batches(train.pieces, job)
     # A TrainingSource travels to the workers in the loop config (each reads its own share);
     # a Ray dataset is split among them by Ray Train.
     streamed = not isinstance(train, ray.data.Dataset)
@@ -194,7 +233,10 @@ def run_job(job: JobConfig, hooks: Optional[TrainHooks] = None, on_progress: Opt
                 "run_uri": checked.run_uri, "hooks": hooks, "train_source": train if streamed else None,
             },
             torch_config=TorchConfig(backend=job.scaling.backend.value),
-            scaling_config=ScalingConfig(num_workers=job.scaling.workers, use_gpu=job.scaling.use_gpu, resources_per_worker=resources),
+            scaling_config=ScalingConfig(
+                num_workers=job.scaling.workers, use_gpu=job.scaling.use_gpu, resources_per_worker=resources,
+                placement_strategy=job.scaling.placement.value.upper(),
+            ),
             run_config=RunConfig(
                 name=job.run.name, storage_path=storage_path, storage_filesystem=filesystem,
                 failure_config=FailureConfig(max_failures=job.run.max_failures),

@@ -334,6 +334,7 @@ def build_engine(job: JobConfig, task: Task, model: nn.Module, world_size: int):
 def train_worker(config: dict) -> None:
     """TorchTrainer's ``train_loop_per_worker``. ``config``: ``job`` (the JobConfig as a dict),
     ``model_config`` (resolved on the driver), ``run_uri``, and optional ``hooks``."""
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -344,6 +345,11 @@ def train_worker(config: dict) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        # A GPU the scheduler counted but CUDA cannot open (logical GPUs, a broken driver): say
+        # so and train on the CPU, as the serve stages do, rather than fail every retry.
+        print(f"rank {rank}: Ray assigned GPU {ray.get_gpu_ids()} but CUDA is not available here: training on the CPU", flush=True)
+        device = torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
 

@@ -51,39 +51,51 @@ def progress_line(job: str, metrics: dict[str, Any]) -> str:
 
 
 class MetricsLog:
-    """Rows appended to a CSV at a URI. Local files are appended to at once. An object store
-    has no append: the whole file is rewritten, at most every ``rewrite_every_s`` seconds and
-    whenever ``flush`` is asked for (the loop's checkpoints), so a long run does not upload
-    its growing CSV at every report."""
+    """Rows of a CSV at a URI, one per reported step. A step reported again (a run restarted
+    from its last checkpoint after a worker or node was lost, or resumed by name past where
+    its last checkpoint was taken) replaces that step and every later one: each step is in the
+    file once, with the values of the attempt that went on.
+
+    Local files are appended to at once (rewritten only on a replay). An object store has no
+    append: the whole file is rewritten, at most every ``rewrite_every_s`` seconds and whenever
+    ``flush`` is asked for (the loop's checkpoints), so a long run does not upload its growing
+    CSV at every report."""
 
     def __init__(self, uri: str, rewrite_every_s: float = 60.0):
         self.uri = uri
         self.rewrite_every_s = rewrite_every_s
         self._local = not uri.startswith("s3://")
-        self._text: Optional[str] = None  # object stores: the whole file
+        self._rows: Optional[list[dict[str, Any]]] = None  # read from the file at the first row
         self._written_at = 0.0
 
-    def append(self, row: dict[str, Any], flush: bool = True) -> None:
+    def _text(self, rows: list[dict[str, Any]], header: bool) -> str:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        if header:
+            writer.writeheader()
+        writer.writerows(rows)
+        return buffer.getvalue()
+
+    def append(self, row: dict[str, Any], flush: bool = True) -> None:
+        if self._rows is None:
+            self._rows = read_metrics(self.uri) if storage.exists(self.uri) else []
+        step = int(row["step"])
+        replayed = bool(self._rows) and int(self._rows[-1]["step"]) >= step
+        if replayed:
+            self._rows = [old for old in self._rows if int(old["step"]) < step]
+        self._rows.append(row)
         if self._local:
             path = storage.path_of(self.uri)
-            new = not os.path.exists(path)
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "a", newline="") as file:
-                file.write(buffer.getvalue())
+            if replayed or not os.path.exists(path):
+                with open(path, "w", newline="") as file:
+                    file.write(self._text(self._rows, header=True))
+            else:
+                with open(path, "a", newline="") as file:
+                    file.write(self._text([row], header=False))
             return
-        if self._text is None:
-            self._text = storage.read_bytes(self.uri).decode() if storage.exists(self.uri) else ""
-        if not self._text:
-            writer.writeheader()
-        writer.writerow(row)
-        self._text += buffer.getvalue()
-        if flush or time.monotonic() - self._written_at >= self.rewrite_every_s:
-            storage.write_bytes(self.uri, self._text.encode())
+        if flush or replayed or time.monotonic() - self._written_at >= self.rewrite_every_s:
+            storage.write_bytes(self.uri, self._text(self._rows, header=True).encode())
             self._written_at = time.monotonic()
 
 
