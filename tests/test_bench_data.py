@@ -15,7 +15,7 @@ def test_bench_data_reports_throughputs_ratio_and_data_wait(ray_cluster):
     args = parser.parse_args(
         ["bench", "data", "--json", "--quiet", "--count", "48", "--rows-per-file", "12", "--batch-size", "8",
          "--repeats", "1", "--warmup", "0", "--decoder-batch", "4", "--decoder-steps", "2", "--decoder-warmup", "1",
-         "--preprocess-tasks", "3"]
+         "--preprocess-tasks", "3", "--shuffle-buffer", "16"]
     )  # fmt: skip
     assert args.func is cmd_data  # registered in the bench group
     # The result itself, not stdout: Ray's own warnings may land on stdout in the middle of it.
@@ -28,6 +28,10 @@ def test_bench_data_reports_throughputs_ratio_and_data_wait(ray_cluster):
     assert result["pipeline"]["decode_tasks"] == 3 and result["settings"]["preprocess_tasks"] == 3
     for reader in ("plain_loop", "pipeline"):
         assert result[reader]["images_per_s"] > 0
+    shuffling = result["shuffle_cost"]  # the training reader: 2 workers x 2 files x 12 rows, batches of 8
+    for reader in ("shuffled", "file_order"):
+        assert shuffling[reader]["images_per_epoch"] == 48 and shuffling[reader]["images_per_s"] > 0
+    assert shuffling["met"] == (shuffling["shuffle_cost"] < 0.10) and "shuffling costs" in format_data_report(result)
     assert result["pipeline_vs_plain"] > 0
     step = result["decoder_step"]
     assert step["steps"] == 4 and len(step["per_worker_wait_fraction"]) == 2  # 2 workers x 2 timed steps

@@ -1,6 +1,6 @@
 """``dalle2 bench data``: how fast the Ray Data pipeline feeds training, on this machine.
 
-Two figures, over the same Parquet files (a synthetic shapes dataset written for the run, or
+Three figures, over the same Parquet files (a synthetic shapes dataset written for the run, or
 ``--data URI``):
 
 1. images/s that the pipeline (:func:`dalle2.data.ray_reader.preprocessed_rows`: read, decode,
@@ -14,6 +14,7 @@ Two figures, over the same Parquet files (a synthetic shapes dataset written for
 2. the fraction of a training step spent waiting for data: the same 2 actors, set up like the
    Train workers of ``jobs/configs/decoder-tiny-cpu.yaml`` (one torch thread each), each stream
    its shard and take tiny-preset decoder steps (L_simple, Ho et al. 2020; AdamW).
+3. what shuffling costs the reader training uses (:mod:`dalle2.bench.shuffle_cost`).
 
 The step uses a random CLIP image embedding: a real decoder step also runs the frozen CLIP's
 image encoder, so its steps are longer and its waiting fraction lower than measured here.
@@ -23,8 +24,7 @@ work on the machine takes cores away from the pipeline's parallel tasks, not fro
 loop's single process; ``machine.cpu_parallelism`` reports how many cores two busy processes
 actually got while the benchmark started, so that a ratio can be read against it.
 
-Module-level imports stay light (this module registers the CLI command); torch, Ray and pyarrow
-are imported where they are used.
+Imports of torch, Ray and pyarrow stay in the functions (this module registers the CLI command).
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
+
+from dalle2.bench.shuffle_cost import format_shuffle_cost, shuffle_cost
 
 TARGET_RATIO = 1.3
 TARGET_WAIT_FRACTION = 0.10
@@ -67,6 +69,7 @@ class DataBenchSettings:
     decoder_steps: int = 20  # timed steps per worker
     decoder_warmup: int = 3  # untimed steps first (the first batch waits for the pipeline to start)
     seed: int = 0
+    shuffle_buffer: int = 1024  # rows the shuffled training reader mixes (data.shuffle.buffer_rows)
 
 
 # --------------------------------------------------------------------------- the two readers
@@ -267,8 +270,10 @@ def run_data_bench(settings: DataBenchSettings, log: Optional[Callable[[str], No
             readers = _reader_throughputs(plain, dataset, workers, settings, attribute_cpu=own_node)
             say(f"bench data: {CONSUMERS} workers x {settings.decoder_warmup + settings.decoder_steps} tiny decoder steps")
             step = _decoder_waits(dataset, workers, settings)
-            for worker in workers:
+            for worker in workers:  # their CPUs go to the training reader's decode tasks next
                 ray.kill(worker)
+            say("bench data: the training reader (dalle2.data.stream) shuffled vs in file order")
+            shuffling = shuffle_cost(data_config, CONSUMERS, settings.batch_size, settings.shuffle_buffer, settings.repeats, settings.warmup, settings.seed)
     finally:
         if initialized_here:
             ray.shutdown()
@@ -285,6 +290,7 @@ def run_data_bench(settings: DataBenchSettings, log: Optional[Callable[[str], No
         "pipeline_vs_plain": round(ratio, 3),
         "cpu_bound_estimate": _cpu_bound_estimate(readers, machine),
         "decoder_step": step,
+        "shuffle_cost": shuffling,
         "targets": {
             "pipeline_vs_plain": TARGET_RATIO,
             "data_wait_fraction": TARGET_WAIT_FRACTION,
@@ -391,6 +397,7 @@ def format_data_report(result: dict) -> str:
         *_estimate_lines(result),
         f"  {step['what']}: {step['step_s']:.3f} s/step, waiting for data {100 * step['data_wait_fraction']:.1f}% "
         f"(target < {100 * TARGET_WAIT_FRACTION:.0f}%: {mark[met['data_wait_fraction']]})",
+        *format_shuffle_cost(result.get("shuffle_cost")),
         f"  machine: {machine['cpu']}, {machine['logical_cores']} logical cores, load {machine.get('load_average_1m')} -> "
         f"{machine.get('load_average_1m_after')}, {CONSUMERS} busy processes got {machine['cpu_parallelism']} cores' worth",
     ])  # fmt: skip
@@ -404,7 +411,7 @@ def settings_from_args(args: argparse.Namespace) -> DataBenchSettings:
         data=args.data, count=args.count, source_size=args.source_size, rows_per_file=args.rows_per_file,
         batch_size=args.batch_size, repeats=args.repeats, warmup=args.warmup, decoder_batch=args.decoder_batch,
         decoder_steps=args.decoder_steps, decoder_warmup=args.decoder_warmup, seed=args.seed,
-        preprocess_tasks=args.preprocess_tasks,
+        preprocess_tasks=args.preprocess_tasks, shuffle_buffer=args.shuffle_buffer,
     )  # fmt: skip
 
 
@@ -437,6 +444,7 @@ def add_data_benchmark(bench_commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--decoder-steps", type=int, default=defaults.decoder_steps, help="timed decoder steps per worker")
     parser.add_argument("--decoder-warmup", type=int, default=defaults.decoder_warmup, help="untimed decoder steps first")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--shuffle-buffer", type=int, default=defaults.shuffle_buffer, help="rows the shuffled reader mixes")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON (progress goes to stderr)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     parser.set_defaults(func=cmd_data)

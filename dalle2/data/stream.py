@@ -221,6 +221,11 @@ class TrainingStream:
                 f"({plan.rows} rows planned): use a smaller batch_size or fewer workers"
             )
 
+    def batches_of_epoch(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        """Every batch of one whole epoch, without moving ``position`` (benchmarks, tools)."""
+        for batch, _ in self._epoch_batches(epoch, 0):
+            yield batch
+
     def close(self) -> None:
         """Stop reading (Ray Data stops the epoch's tasks); ``next`` would open the epoch again."""
         if self._batches is not None:
