@@ -19,7 +19,7 @@ from dalle2.data import storage
 from dalle2.data.shapes import write_shapes_dataset
 from dalle2.train.config import ConfigError, load_job_config
 from dalle2.train.launch import run_job
-from dalle2.train.preflight import PROBE_FOLDER, check_storage_reach, probe_storage
+from dalle2.train.preflight import PROBE_FOLDER, check_storage_reach, probe_storage, probe_targets
 from multinode import node_cluster  # tests/multinode.py (pytest puts tests/ on sys.path)
 
 WRONG_SECRET = {"AWS_SECRET_ACCESS_KEY": "not-the-secret"}
@@ -37,6 +37,16 @@ def test_the_probe_says_why_a_location_cannot_be_reached(s3_server, monkeypatch)
     for why in failed.values():
         assert re.search("ACCESS_DENIED|SIGNATURE_DOES_NOT_MATCH", why), why  # the server's reason, in the SDK's words
         assert why.endswith(f"(endpoint {s3_server.endpoint}, AWS_ACCESS_KEY_ID ...-key from the environment)")
+
+
+def test_what_the_probe_reads_and_writes():
+    prior = load_job_config("prior", overrides={
+        "data": {"path": "s3://b/shards-{000..003}.tar", "format": "webdataset"}, "clip": "s3://b/bundles/clip",
+        "run": {"storage": "s3://b/runs"},
+    })  # fmt: skip
+    assert probe_targets(prior) == (["s3://b", "s3://b/bundles/clip"], ["s3://b/runs"])  # the shards' folder, not a pattern
+    local = load_job_config("clip", overrides={"data": {"path": "/data/shapes"}, "run": {"storage": "runs"}})
+    assert probe_targets(local) == ([], [])  # one machine's paths: nothing to probe
 
 
 @pytest.fixture(scope="module")

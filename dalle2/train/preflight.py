@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 from dalle2.data import storage
 from dalle2.data.epochs import EpochPlan, Piece
 from dalle2.train import checkpoint as ckpt
-from dalle2.train.config import ConfigError, JobConfig
+from dalle2.train.config import ConfigError, DataFormat, JobConfig
 
 ADDRESS_TIMEOUT_S = 5.0
 # Addresses ray.init resolves itself (a local cluster, or the one recorded by `ray start`).
@@ -168,6 +168,23 @@ def _node_name(node: dict) -> str:
     return f"{node['NodeManagerAddress']} (node {node['NodeID'][:12]})"
 
 
+def probe_targets(job: JobConfig) -> tuple[list[str], list[str]]:
+    """(locations the workers read, locations they write under): the job's ``s3://`` ones only."""
+
+    def remote(uri: str) -> bool:
+        return bool(uri) and uri.startswith("s3://")
+
+    data = job.data.path
+    if job.data.format is DataFormat.WEBDATASET and "{" in data:  # a brace list of shards: probe their folder
+        import posixpath
+
+        from dalle2.data.webdataset import expand_braces
+
+        data = posixpath.dirname(expand_braces(data)[0])
+    reads = [uri for uri in (data, job.clip if job.loads_clip else "") if remote(uri)]
+    return reads, [job.run.storage] if remote(job.run.storage) else []
+
+
 def check_storage_reach(job: JobConfig, timeout_s: float = PROBE_TIMEOUT_S) -> Optional[str]:
     """Run :func:`probe_storage` once on every alive node that can hold workers or data tasks,
     in the job's runtime env, and raise a ConfigError naming each node that cannot reach the
@@ -176,11 +193,7 @@ def check_storage_reach(job: JobConfig, timeout_s: float = PROBE_TIMEOUT_S) -> O
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    def remote(uri: str) -> bool:
-        return bool(uri) and uri.startswith("s3://")
-
-    reads = [uri for uri in (job.data.path, job.clip if job.loads_clip else "") if remote(uri)]
-    writes = [job.run.storage] if remote(job.run.storage) else []
+    reads, writes = probe_targets(job)
     if not reads and not writes:
         return None
     nodes = [n for n in ray.nodes() if n["Alive"] and (n["Resources"].get("CPU") or n["Resources"].get("GPU"))]
