@@ -49,7 +49,7 @@ import torch
 
 from dalle2.bundle import BundleError, load_bundle, read_bundle_header
 from dalle2.data import storage
-from dalle2.data.ray_reader import DataConfig, DroppedRows, check_dataset, preprocessed_rows
+from dalle2.data.ray_reader import DataConfig, check_dataset, dropped_rows_counter, preprocessed_rows
 from dalle2.data.preprocess import to_model_images
 from dalle2.data.schema import PARQUET_SUFFIX, dataset_files
 from dalle2.progress_bars import Bar
@@ -190,7 +190,7 @@ def embed_dataset(config: EmbedConfig) -> EmbedReport:
         raise FileExistsError(f"{config.out} already holds Parquet files; choose an empty location")
 
     use_gpu = _use_gpu(config.accelerator)
-    dropped = DroppedRows.remote()
+    dropped = dropped_rows_counter()
     # Decode straight to CLIP's resolution; every row, with no train/validation split.
     data_config = DataConfig(
         path=config.data,
@@ -202,7 +202,7 @@ def embed_dataset(config: EmbedConfig) -> EmbedReport:
     )
     carry = {"image": IMAGE_BYTES} if config.keep_images else None
     rows = preprocessed_rows(data_config, filesystem, files, "train", dropped, carry)
-    embedded = DroppedRows.remote()  # the same counting actor, here counting the rows embedded
+    embedded = dropped_rows_counter()  # the same counting actor, here counting the rows embedded
     embeddings = rows.map_batches(
         ClipEmbedder,
         fn_constructor_kwargs={"clip_uri": config.clip, "use_gpu": use_gpu, "counter": embedded},
