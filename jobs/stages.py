@@ -62,7 +62,7 @@ class EmbedSpec:
 
     actors: int = 1  # CLIP replicas: one per GPU, or a few on CPUs
     batch_size: int = 64
-    accelerator: Literal["auto", "cpu", "gpu"] = "auto"  # auto: a GPU per actor when the cluster has GPUs
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"  # auto: a GPU per actor when the cluster has GPUs or its autoscaler can add them
 
     def __post_init__(self) -> None:
         if self.accelerator not in ("auto", "cpu", "gpu"):

@@ -170,6 +170,7 @@ class ModelStage:
             "deployment": self.deployment,
             "replica": self.replica,
             "actor_name": ray.get_runtime_context().get_actor_name(),
+            "node_id": ray.get_runtime_context().get_node_id(),  # which machine: replicas of a stage spread
             "pid": os.getpid(),
             "device": str(self.device),
             # Ray sets OMP_NUM_THREADS from the replica's CPUs (at least 1): the intra-op threads

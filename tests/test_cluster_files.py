@@ -4,6 +4,7 @@ import path they name exists in this repository. The local scripts pass ``bash -
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import re
 import shlex
@@ -160,3 +161,157 @@ def test_the_launcher_installs_this_project_with_its_constraints():
 def test_local_scripts_are_valid_bash(script):
     result = subprocess.run(["bash", "-n", str(CLUSTER / script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+# --------------------------------------------------------------------------- resources fit the machines
+
+
+def kube_quantity(value) -> float:
+    """A Kubernetes CPU quantity ("8", "500m") in CPUs."""
+    value = str(value)
+    return float(value[:-1]) / 1000 if value.endswith("m") else float(value)
+
+
+def pod_resources(group: dict, is_head: bool) -> dict:
+    """What Ray sees on a pod of ``group``: its CPU and GPU limits, unless rayStartParams override."""
+    (container,) = group["template"]["spec"]["containers"]
+    limits = container["resources"]["limits"]
+    params = group.get("rayStartParams") or {}
+    cpu = float(params.get("num-cpus", kube_quantity(limits["cpu"])))
+    gpu = float(params.get("num-gpus", limits.get("nvidia.com/gpu", 0)))
+    return {"CPU": cpu, "GPU": gpu} if not is_head or gpu else {"CPU": cpu}
+
+
+def kuberay_capacity(spec: dict):
+    """(nodes alive when the job starts, node types the autoscaler adds) of a KubeRay cluster spec."""
+    from dalle2.train.capacity import NodeType
+
+    nodes = [{"Resources": pod_resources(spec["headGroupSpec"], is_head=True)}]
+    types = []
+    for group in spec["workerGroupSpecs"]:
+        resources = pod_resources(group, is_head=False)
+        nodes += [{"Resources": resources}] * group["replicas"]
+        if group["maxReplicas"] > group["replicas"]:
+            types.append(NodeType(group["groupName"], resources, group["maxReplicas"] - group["replicas"]))
+    return nodes, types
+
+
+def ray_up_capacity():
+    """(the head, node types) of cluster/ray-cluster.yaml: only the head is alive at first."""
+    from dalle2.train.capacity import node_types_from_config
+
+    (config,) = documents(CLUSTER / "ray-cluster.yaml")
+    head = config["available_node_types"][config["head_node_type"]]
+    return [{"Resources": head["resources"]}], node_types_from_config(config)
+
+
+def assert_placed(scaling, data_cpus: float, nodes, types, where: str) -> None:
+    from dalle2.train.launch import check_placement
+
+    note = check_placement(scaling, data_cpus, nodes, types)  # raises ConfigError when it cannot
+    assert note is None or "trusting" not in note, f"{where}: resources not declared, nothing checked ({note})"
+
+
+def test_every_rayjob_fits_the_pods_it_starts():
+    from dalle2.data.embed import EmbedConfig
+    from dalle2.train.cli import add_job_arguments, job_overrides
+    from dalle2.train.config import ScalingSpec, load_job_config
+    from jobs.embed import build_parser as embed_parser
+
+    checked = 0
+    for path, doc in kuberay_resources():
+        if doc["kind"] != "RayJob":
+            continue
+        nodes, types = kuberay_capacity(doc["spec"]["rayClusterSpec"])
+        words = shlex.split(doc["spec"]["entrypoint"].split("&&")[0])
+        module = words[2]
+        if module == "jobs.embed":  # a pool of CLIP actors, one GPU each (--accelerator gpu)
+            args = embed_parser().parse_args(words[3:])
+            assert args.accelerator == "gpu", f"{path.name}: embeddings on CPUs in a GPU cluster"
+            cpus = EmbedConfig.__dataclass_fields__["cpus_per_task"].default
+            scaling = ScalingSpec(workers=args.actors, cpus_per_worker=cpus, use_gpu=True, gpus_per_worker=1.0, backend="nccl")
+            assert_placed(scaling, cpus, nodes, types, path.name)
+        else:
+            parser = argparse.ArgumentParser()
+            add_job_arguments(parser)
+            args = parser.parse_args(words[3:])
+            job = load_job_config(module.removeprefix("jobs.train_"), str(REPO / args.config.removeprefix(IMAGE_ROOT)), job_overrides(args))
+            assert job.scaling.use_gpu, f"{path.name}: a GPU cluster for a CPU job"
+            assert_placed(job.scaling, job.data.cpus_per_task, nodes, types, path.name)
+        checked += 1
+    assert checked == len(TRAINING_STAGES) + 1
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "jobs" / "configs").glob("*-gpu.yaml")))
+def test_every_gpu_job_config_fits_the_ray_up_node_types(config):
+    from dalle2.train.config import load_job_config
+
+    job = load_job_config(config.split("-")[0], str(REPO / "jobs" / "configs" / config))
+    nodes, types = ray_up_capacity()
+    assert_placed(job.scaling, job.data.cpus_per_task, nodes, types, f"cluster/ray-cluster.yaml for {config}")
+
+
+def serve_replicas(application: dict) -> list[tuple[str, dict, int, int]]:
+    """(deployment, {CPU, GPU} per replica, most replicas, most per node) of a serve application."""
+    replicas = []
+    for entry in application["deployments"]:
+        most = (entry.get("autoscaling_config") or {}).get("max_replicas", entry.get("num_replicas", 1))
+        options = entry.get("ray_actor_options") or {}
+        need = {"CPU": float(options.get("num_cpus", 1)), "GPU": float(options.get("num_gpus", 0))}
+        replicas.append((entry["name"], need, most, entry.get("max_replicas_per_node") or most))
+    return replicas
+
+
+def pack(replicas, machines: list[dict]) -> dict[str, list[int]]:
+    """Place every replica (first fit, the most GPU first) on ``machines`` ({CPU, GPU} each, used
+    up as they fill), at most ``per_node`` of a deployment on one machine. A packing found proves
+    the replicas fit; returns {deployment: [machine index per replica]}."""
+    free = [dict(machine) for machine in machines]
+    placed: dict[str, list[int]] = {}
+    for name, need, count, per_node in sorted(replicas, key=lambda r: (-r[1]["GPU"], -r[1]["CPU"])):
+        for _ in range(count):
+            spot = next(
+                (i for i, room in enumerate(free)
+                 if placed.get(name, []).count(i) < per_node and all(room.get(k, 0) + 1e-9 >= v for k, v in need.items())),
+                None,
+            )  # fmt: skip
+            assert spot is not None, f"no machine left for a replica of {name} ({need}); placed so far: {placed}"
+            for key, value in need.items():
+                free[spot][key] = free[spot].get(key, 0) - value
+            placed.setdefault(name, []).append(spot)
+    return placed
+
+
+def test_serve_stages_that_scale_out_spread_over_nodes():
+    application = documents(REPO / "serve" / "config.gpu.yaml")[0]["applications"][0]
+    for name, _, most, per_node in serve_replicas(application):
+        if most > 1:
+            assert per_node == 1, f"serve/config.gpu.yaml: {name} may run {most} replicas but {per_node} on one node"
+
+
+def test_the_gpu_serve_config_at_its_largest_fits_the_rayservice_pods_and_the_ray_up_nodes():
+    application = documents(REPO / "serve" / "config.gpu.yaml")[0]["applications"][0]
+    replicas = serve_replicas(application)
+    (service,) = [doc for _, doc in kuberay_resources() if doc["kind"] == "RayService"]
+    spec = service["spec"]["rayClusterConfig"]
+    pods = [pod_resources(spec["headGroupSpec"], is_head=True)]
+    pods += [pod_resources(g, is_head=False) for g in spec["workerGroupSpecs"] for _ in range(g["maxReplicas"])]
+    placed = pack(replicas, pods)
+    assert len(set(placed["Decoder"])) == len(placed["Decoder"]) == 2  # on two pods
+
+    (config,) = documents(CLUSTER / "ray-cluster.yaml")
+    head = config["available_node_types"][config["head_node_type"]]
+    nodes = [head["resources"]]
+    for node_type in ray_up_capacity()[1]:
+        nodes += [node_type.resources] * node_type.max_count
+    pack(replicas, nodes)
+
+
+def test_ray_up_workers_reach_s3_through_an_instance_profile_not_keys():
+    (config,) = documents(CLUSTER / "ray-cluster.yaml")
+    for name, node_type in config["available_node_types"].items():
+        if name != config["head_node_type"]:  # the head gets Ray's ray-autoscaler-v1 profile
+            assert node_type["node_config"].get("IamInstanceProfile"), f"ray-cluster.yaml: {name} has no S3 credentials"
+    text = (CLUSTER / "ray-cluster.yaml").read_text()
+    assert not re.search(r"AKIA[0-9A-Z]{12}|aws_secret_access_key\s*[:=]", text, re.I), "keys written into ray-cluster.yaml"
+    assert "dalle2-worker" in (CLUSTER / "README.md").read_text()  # how to create the profile

@@ -92,3 +92,20 @@ def test_trackers_write_tensorboard_events_and_an_mlflow_file_store_run(tmp_path
     assert [m.value for m in client.get_metric_history(found.info.run_id, "loss")] == [0.5, 0.25]
     assert found.info.status == "FINISHED" and found.data.metrics["val_loss"] == 0.3
     assert [a.path for a in client.list_artifacts(found.info.run_id, "samples")] == ["samples/step_0000002.png"]
+
+
+def test_open_trackers_pickle_for_a_restart_after_a_lost_node(tmp_path):
+    # Ray Train's controller pickles the progress callback (and its Trackers) again when it
+    # restarts a failed worker group; an open TensorBoard writer holds a thread and locks.
+    import pickle
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "runs" / "clip"
+    trackers = Trackers("clip", str(run))
+    trackers.add({"step": 4, "loss": 0.5}, flush=True)
+    restarted = pickle.loads(pickle.dumps(trackers))
+    restarted.add({"step": 5, "loss": 0.25}, flush=True)  # opens its own writer
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(4, 0.5), (5, 0.25)]

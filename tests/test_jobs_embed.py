@@ -95,3 +95,40 @@ def test_the_decoder_live_path_embeds_the_images_as_dalle2_data_embed_does(ray_c
     assert inputs["x0"].shape == (6, 3, 16, 16)
     expected = torch.from_numpy(np.stack([stored[key] for key in batch["key"]]))
     torch.testing.assert_close(inputs["image_embed"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_counts_the_gpus_an_autoscaler_can_add():
+    import yaml
+
+    from dalle2.data.embed import pick_accelerator
+    from dalle2.train.capacity import NodeType, node_types_from_config
+
+    with open(os.path.join(REPO, "cluster", "ray-cluster.yaml")) as file:
+        ray_up = node_types_from_config(yaml.safe_load(file))  # GPU types with min_workers: 0
+    use_gpu, line = pick_accelerator("auto", 0, ray_up)
+    assert use_gpu and line.startswith("embed: on GPU (auto): no GPU alive now, the autoscaler can add gpu_a10g (4 GPU, up to 4)")
+    assert pick_accelerator("auto", 2, None) == (True, "embed: on GPU (auto): the cluster has 2 GPU(s) alive")
+    assert pick_accelerator("auto", 0, None) == (False, "embed: on CPU (auto): no GPU on the cluster")
+    cpu_only = [NodeType("cpu", {"CPU": 16.0}, 4)]
+    assert pick_accelerator("auto", 0, cpu_only) == (False, "embed: on CPU (auto): no GPU on the cluster nor among its autoscaler's node types")
+    use_gpu, line = pick_accelerator("auto", 0, [NodeType("gpu-auto", {}, 4)])  # resources left for Ray to detect
+    assert not use_gpu and "gpu-auto do not declare their resources" in line and "--accelerator gpu" in line
+    assert pick_accelerator("cpu", 8, ray_up) == (False, "embed: on CPU (--accelerator cpu)")
+
+
+def test_auto_reads_the_clusters_autoscaling_config(ray_cluster, tmp_path, monkeypatch, capsys):
+    from dalle2.data.embed import _use_gpu
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/ray_bootstrap_config.yaml of a real `ray up` head
+    monkeypatch.delenv("DALLE2_AUTOSCALING_CONFIG", raising=False)
+    assert not _use_gpu("auto")  # the session's cluster: 2 CPUs, no GPU, no autoscaler
+    assert capsys.readouterr().err == "embed: on CPU (auto): no GPU on the cluster\n"
+    config = tmp_path / "autoscaling.yaml"
+    config.write_text(
+        "max_workers: 2\nhead_node_type: head\navailable_node_types:\n"
+        "  head: {resources: {CPU: 2}, node_config: {}, max_workers: 0}\n"
+        "  gpu: {resources: {CPU: 4, GPU: 1}, node_config: {}, min_workers: 0, max_workers: 2}\n"
+    )
+    monkeypatch.setenv("DALLE2_AUTOSCALING_CONFIG", str(config))  # where `ray up` leaves it on the head
+    assert _use_gpu("auto")
+    assert capsys.readouterr().err == "embed: on GPU (auto): no GPU alive now, the autoscaler can add gpu (1 GPU, up to 2)\n"

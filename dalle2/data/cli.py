@@ -76,7 +76,7 @@ def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--actors", type=int, default=1, help="CLIP replicas (default 1; one per GPU)")
     parser.add_argument("--batch-size", type=int, default=64, help="rows per CLIP call (default 64)")
     parser.add_argument(
-        "--accelerator", choices=["auto", "cpu", "gpu"], default="auto", help="auto: a GPU per actor if any"
+        "--accelerator", choices=["auto", "cpu", "gpu"], default="auto", help="auto: a GPU per actor if the cluster has GPUs or its autoscaler can add them"
     )
     parser.add_argument(
         "--images", action=argparse.BooleanOptionalAction, default=True,

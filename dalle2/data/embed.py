@@ -37,9 +37,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import threading
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -48,7 +49,7 @@ import torch
 
 from dalle2.bundle import BundleError, load_bundle, read_bundle_header
 from dalle2.data import storage
-from dalle2.data.ray_reader import DataConfig, DroppedRows, check_dataset, preprocessed_rows
+from dalle2.data.ray_reader import DataConfig, check_dataset, dropped_rows_counter, preprocessed_rows
 from dalle2.data.preprocess import to_model_images
 from dalle2.data.schema import PARQUET_SUFFIX, dataset_files
 from dalle2.progress_bars import Bar
@@ -65,7 +66,7 @@ class EmbedConfig:
     clip: str  # CLIP model bundle (dalle2.bundle)
     actors: int = 1  # CLIP replicas: one per GPU, or a few on CPUs
     batch_size: int = 64
-    accelerator: Accelerator = "auto"  # auto: one GPU per actor when the cluster has GPUs
+    accelerator: Accelerator = "auto"  # auto: one GPU per actor when the cluster has GPUs or its autoscaler can add them
     cpus_per_task: float = 0.25  # fractional, as in DataConfig: a small machine must schedule everything
     keep_images: bool = True  # write each row's encoded image too (the decoder trains from these rows)
 
@@ -110,10 +111,34 @@ class ClipEmbedder:
         return out
 
 
+def pick_accelerator(accelerator: Accelerator, live_gpus: float, node_types: Optional[list] = None) -> tuple[bool, str]:
+    """(use a GPU per actor, the one line that says why). ``auto`` looks at the GPUs alive now
+    and, on a cluster that can grow, at what its autoscaler can add (``node_types``, from
+    :func:`dalle2.train.capacity.autoscaler_node_types`): GPU node types with ``min_workers: 0``
+    have no node alive until work asks for one, and counting live nodes alone would pick the CPU."""
+    if accelerator != "auto":
+        return accelerator == "gpu", f"embed: on {accelerator.upper()} (--accelerator {accelerator})"
+    if live_gpus >= 1:
+        return True, f"embed: on GPU (auto): the cluster has {live_gpus:g} GPU(s) alive"
+    gpu_types = [t for t in node_types or [] if t.resources.get("GPU", 0) >= 1]
+    if gpu_types:
+        adds = ", ".join(f"{t.name} ({t.resources['GPU']:g} GPU, up to {'any' if t.max_count < 0 else t.max_count})" for t in gpu_types)
+        return True, f"embed: on GPU (auto): no GPU alive now, the autoscaler can add {adds}"
+    undeclared = [t.name for t in node_types or [] if not t.resources]
+    if undeclared:
+        return False, (
+            f"embed: on CPU (auto): no GPU alive, and the autoscaler's node types {', '.join(undeclared)} do not "
+            "declare their resources (left for Ray to detect): declare them, or pass --accelerator gpu"
+        )
+    return False, "embed: on CPU (auto): no GPU on the cluster" + (" nor among its autoscaler's node types" if node_types else "")
+
+
 def _use_gpu(accelerator: Accelerator) -> bool:
-    if accelerator == "auto":
-        return ray.cluster_resources().get("GPU", 0) >= 1
-    return accelerator == "gpu"
+    from dalle2.train.capacity import autoscaler_node_types
+
+    use_gpu, line = pick_accelerator(accelerator, ray.cluster_resources().get("GPU", 0), autoscaler_node_types())
+    print(line, file=sys.stderr, flush=True)  # stdout carries the command's JSON summary alone
+    return use_gpu
 
 
 def is_complete(out: str) -> bool:
@@ -165,7 +190,7 @@ def embed_dataset(config: EmbedConfig) -> EmbedReport:
         raise FileExistsError(f"{config.out} already holds Parquet files; choose an empty location")
 
     use_gpu = _use_gpu(config.accelerator)
-    dropped = DroppedRows.remote()
+    dropped = dropped_rows_counter()
     # Decode straight to CLIP's resolution; every row, with no train/validation split.
     data_config = DataConfig(
         path=config.data,
@@ -177,7 +202,7 @@ def embed_dataset(config: EmbedConfig) -> EmbedReport:
     )
     carry = {"image": IMAGE_BYTES} if config.keep_images else None
     rows = preprocessed_rows(data_config, filesystem, files, "train", dropped, carry)
-    embedded = DroppedRows.remote()  # the same counting actor, here counting the rows embedded
+    embedded = dropped_rows_counter()  # the same counting actor, here counting the rows embedded
     embeddings = rows.map_batches(
         ClipEmbedder,
         fn_constructor_kwargs={"clip_uri": config.clip, "use_gpu": use_gpu, "counter": embedded},

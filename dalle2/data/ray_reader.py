@@ -142,6 +142,16 @@ class DroppedRows:
         return dict(self.counts)
 
 
+def dropped_rows_counter():
+    """A :class:`DroppedRows` actor on the driver's node. It asks for no CPU, so Ray could put it on
+    any node, and a lost worker node would take the job's counts (and the Train controller that
+    reads them at each report) with it; the driver's node lives as long as the job."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return DroppedRows.options(scheduling_strategy=here).remote()
+
+
 def _concatenate(outputs: list[dict]) -> dict:
     if len(outputs) == 1:
         return outputs[0]
@@ -288,7 +298,7 @@ def build_datasets(config: DataConfig, carry: Mapping[str, str] | None = None) -
     Both splits read the same files and keep the rows their keys hash to, so neither
     split is materialized (``train_test_split`` would pull the data through the driver)."""
     filesystem, files = check_dataset(config.path, tuple(_columns(carry)))
-    dropped = DroppedRows.remote()
+    dropped = dropped_rows_counter()
     return TrainingData(
         train=preprocessed_rows(config, filesystem, files, "train", dropped, carry),
         validation=preprocessed_rows(config, filesystem, files, "validation", dropped, carry),
@@ -321,7 +331,7 @@ def build_training_data(
     columns = tuple(columns or _columns(carry))  # other columns: a preprocess of other rows (embeddings)
     if not webdataset:
         filesystem, files = check_dataset(config.path, columns)
-    dropped = DroppedRows.remote()
+    dropped = dropped_rows_counter()
     source = training_source(
         config, shuffle, workers, dropped=dropped, carry=carry, tasks=preprocess_concurrency(config),
         columns=columns, preprocess=preprocess, webdataset=webdataset,

@@ -26,7 +26,7 @@ from dalle2.train.capacity import autoscaler_node_types
 from dalle2.train.config import ConfigError, DataFormat, JobConfig, ScalingSpec, job_to_dict, resolve_model_config
 from dalle2.train.embeddings import EMBEDDING_COLUMNS, check_embedding_columns
 from dalle2.train.loop import TrainHooks, train_worker
-from dalle2.train.preflight import check_batches, check_resume, connect_ray
+from dalle2.train.preflight import check_batches, check_resume, check_storage_reach, connect_ray
 from dalle2.train.tasks import data_resolution
 
 EPSILON = 1e-9  # resource arithmetic with fractional CPUs
@@ -213,6 +213,9 @@ def run_job(job: JobConfig, hooks: Optional[TrainHooks] = None, on_progress: Opt
     note = check_placement(job.scaling, job.data.cpus_per_task, ray.nodes(), autoscaler_node_types())
     if note:
         print(note, flush=True)
+    unchecked = check_storage_reach(job)  # from every alive node, with the workers' credentials
+    if unchecked:
+        print(unchecked, flush=True)
 
     train, validation, dropped = training_datasets(checked)
     if hasattr(train, "pieces"):  # a TrainingSource: its pieces know every worker's rows

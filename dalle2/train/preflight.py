@@ -8,17 +8,21 @@ model: an error that will always recur must be found here instead, with what to 
 - :func:`check_batches`: every worker's share of the data holds at least one batch.
 - :func:`check_resume`: a run resumed by name has the job kind, worker count, ZeRO stage and
   precision its checkpoint was written with.
+- :func:`check_storage_reach`: every alive node reaches the job's ``s3://`` data, CLIP bundle and
+  run storage with the credentials its workers will have (the node's own and the job's runtime
+  env); the driver's credentials say nothing about a node that lacks an instance profile.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Optional, Sequence
 
 from dalle2.data import storage
 from dalle2.data.epochs import EpochPlan, Piece
 from dalle2.train import checkpoint as ckpt
-from dalle2.train.config import ConfigError, JobConfig
+from dalle2.train.config import ConfigError, DataFormat, JobConfig
 
 ADDRESS_TIMEOUT_S = 5.0
 # Addresses ray.init resolves itself (a local cluster, or the one recorded by `ray start`).
@@ -116,3 +120,109 @@ def check_resume(job: JobConfig, run_uri: str) -> Optional[str]:
             f"or start a new run.name (`dalle2 export {run_uri} BUNDLE` still reads this one)"
         )
     return checkpoint
+
+
+PROBE_TIMEOUT_S = 60.0  # a node still setting up the job's runtime env (pip) is left unchecked
+PROBE_FOLDER = ".dalle2-preflight"  # under the run storage: one object per node, deleted at once
+
+
+def _credentials_seen() -> str:
+    """Where this process gets S3 from, without the secret: for the message of a node that fails."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+    key = os.environ.get("AWS_ACCESS_KEY_ID")
+    if key:
+        source = f"AWS_ACCESS_KEY_ID ...{key[-4:]} from the environment"
+    elif os.environ.get("AWS_PROFILE"):
+        source = f"AWS_PROFILE {os.environ['AWS_PROFILE']}"
+    else:
+        source = "no key in the environment (an instance profile or ~/.aws, if any)"
+    return f"endpoint {endpoint}, {source}"
+
+
+def _reason(error: Exception) -> str:
+    """The SDK's own words (storage wraps them in a StorageError that repeats the path)."""
+    return f"{error.__cause__ or error} ({_credentials_seen()})"
+
+
+def probe_storage(reads: Sequence[str], writes: Sequence[str], marker: str) -> list[tuple[str, str]]:
+    """(what failed, why) for each of ``reads`` this process cannot see and each of ``writes`` it
+    cannot write a small object under (``PROBE_FOLDER/marker``, deleted at once)."""
+    failed = []
+    for uri in reads:
+        try:
+            if not storage.exists(uri):  # the driver found it: another endpoint or account here
+                failed.append((f"read {uri}", f"nothing there ({_credentials_seen()})"))
+        except Exception as error:  # noqa: BLE001 -- whatever the SDK raises is the reason to report
+            failed.append((f"read {uri}", _reason(error)))
+    for uri in writes:
+        probe = storage.join(uri, PROBE_FOLDER, marker)
+        try:
+            storage.write_bytes(probe, b"dalle2 preflight: this node can write here\n")
+            storage.delete(probe)
+        except Exception as error:  # noqa: BLE001
+            failed.append((f"write under {uri}", _reason(error)))
+    return failed
+
+
+def _node_name(node: dict) -> str:
+    return f"{node['NodeManagerAddress']} (node {node['NodeID'][:12]})"
+
+
+def probe_targets(job: JobConfig) -> tuple[list[str], list[str]]:
+    """(locations the workers read, locations they write under): the job's ``s3://`` ones only."""
+
+    def remote(uri: str) -> bool:
+        return bool(uri) and uri.startswith("s3://")
+
+    data = job.data.path
+    if job.data.format is DataFormat.WEBDATASET and "{" in data:  # a brace list of shards: probe their folder
+        import posixpath
+
+        from dalle2.data.webdataset import expand_braces
+
+        data = posixpath.dirname(expand_braces(data)[0])
+    reads = [uri for uri in (data, job.clip if job.loads_clip else "") if remote(uri)]
+    return reads, [job.run.storage] if remote(job.run.storage) else []
+
+
+def check_storage_reach(job: JobConfig, timeout_s: float = PROBE_TIMEOUT_S) -> Optional[str]:
+    """Run :func:`probe_storage` once on every alive node that can hold workers or data tasks,
+    in the job's runtime env, and raise a ConfigError naming each node that cannot reach the
+    job's ``s3://`` locations, and why. Local paths are not probed (one machine, or a mistake that
+    check_job reports). Returns a line for nodes that did not answer in ``timeout_s`` (unchecked)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    reads, writes = probe_targets(job)
+    if not reads and not writes:
+        return None
+    nodes = [n for n in ray.nodes() if n["Alive"] and (n["Resources"].get("CPU") or n["Resources"].get("GPU"))]
+    # No CPU asked: the probe runs beside whatever holds the node's CPUs; no retry: once is the answer.
+    task = ray.remote(num_cpus=0, max_retries=0)(probe_storage)
+    pending = {
+        task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(
+            reads, writes, node["NodeID"]
+        ): node
+        for node in nodes
+    }  # fmt: skip
+    ready, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout_s)
+    problems = []
+    for ref in ready:
+        try:
+            failed = ray.get(ref)
+        except ray.exceptions.TaskUnschedulableError:  # the node went away since ray.nodes(): no workers there
+            continue
+        except ray.exceptions.RayError as error:  # the runtime env could not be set up there, say
+            failed = [("run the probe task", str(error).splitlines()[0])]
+        problems += [f"{_node_name(pending[ref])} cannot {what}: {why}" for what, why in failed]
+    for ref in late:
+        ray.cancel(ref, force=True)
+    if problems:
+        raise ConfigError(
+            "storage: " + "; ".join(problems) + ". The job's workers there would fail the same way: give every "
+            "node the bucket's credentials (an instance profile, the dalle2-s3 Secret, or the job's runtime_env "
+            "env_vars; cluster/README.md)"
+        )
+    if late:
+        return f"storage: {', '.join(_node_name(pending[r]) for r in late)} did not answer the S3 check in {timeout_s:g} s (not checked)"
+    return None

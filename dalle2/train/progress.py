@@ -154,7 +154,10 @@ def make_progress_callback(job: str, run_uri: str, dropped_rows=None, lines=None
                 return
             row = dict(metrics[0])
             if dropped_rows is not None:
-                row["dropped_rows"] = sum(ray.get(dropped_rows.totals.remote()).values())
+                try:
+                    row["dropped_rows"] = sum(ray.get(dropped_rows.totals.remote()).values())
+                except ray.exceptions.RayActorError:  # its node went away: the step counts, the count not
+                    pass
             line = progress_line(job, row)
             print(line, flush=True)  # the controller's log (and the driver's when nothing forwards)
             if lines is not None:

@@ -100,6 +100,12 @@ class Trackers:
         self._tensorboard: Optional[TensorBoardLog] = None
         self._mlflow: Optional[MlflowLog] = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The Train controller pickles its callbacks again to restart a failed worker group (a lost
+        # node): the open writer (a thread, locks) and MLflow client stay behind, and the copy opens
+        # its own at its next report. Events not yet flushed are of steps the restart replays.
+        return {**self.__dict__, "_tensorboard": None, "_mlflow": None}
+
     def add(self, row: dict[str, Any], flush: bool) -> None:
         if self._tensorboard is None:  # opened at the first report, in the process that reports
             self._tensorboard = TensorBoardLog(self.run_uri)
