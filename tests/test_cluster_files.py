@@ -150,7 +150,7 @@ def test_the_launcher_installs_this_project_with_its_constraints():
     head = config["available_node_types"][config["head_node_type"]]
     assert "GPU" not in head["resources"]
     workers = [t for name, t in config["available_node_types"].items() if name != config["head_node_type"]]
-    assert any(t["node_config"]["InstanceType"].startswith(("g5.", "p4d.")) for t in workers)
+    assert any(t["node_config"]["InstanceType"].startswith(("g5.", "p4de.")) for t in workers)
     assert all(t["min_workers"] <= t["max_workers"] for t in workers)
     setup = " ".join(config["setup_commands"])
     assert "-c /home/ray/dalle2/constraints.txt" in setup and "-e /home/ray/dalle2" in setup
