@@ -23,7 +23,7 @@ from ray import cloudpickle
 from dalle2.bundle import load_bundle
 from dalle2.data import storage
 from dalle2.data.shapes import write_shapes_dataset
-from dalle2.train.checkpoint import export_run
+from dalle2.train.checkpoint import check_complete, export_run, local_files, rank_copy
 from dalle2.train.config import deep_merge, load_job_config
 from dalle2.train.launch import run_job
 from dalle2.train.loop import TrainHooks
@@ -107,6 +107,21 @@ def test_two_workers_on_two_nodes_train_resume_and_export(nodes, s3_shapes, s3_s
     second = run_job(clip_job(s3_shapes, runs, "across", loop={"max_steps": 6}))  # the same name resumes
     assert second.checkpoint_uri == f"{runs}/across/checkpoint-00000006"
     assert [int(row["step"]) for row in read_metrics(f"{runs}/across/metrics.csv")] == [2, 4, 6]
+
+    # What each rank fetches to resume (the function the loop calls): every file of the checkpoint
+    # but the other rank's ZeRO-2 optimizer shard and data position (CLIP keeps no EMA).
+    files = check_complete(first.checkpoint_uri)["files"]
+    filesystem, path = storage.resolve(first.checkpoint_uri)
+    for rank, other in ((0, 1), (1, 0)):
+        others = {name for name in files if f"zero_pp_rank_{other}_" in name or f"rank-{other:05d}" in name}
+        assert len(others) == 2 and any(name.endswith("optim_states.pt") for name in others), sorted(files)
+        lines = []
+        with rank_copy(filesystem, path, rank, log=lines.append) as folder:
+            fetched = local_files(folder)
+        assert set(fetched) == (set(files) - others) | {"manifest.json"}, sorted(fetched)
+        assert sum(fetched.values()) - fetched["manifest.json"] == sum(files.values()) - sum(files[name] for name in others)
+        assert lines and lines[0].startswith(f"rank {rank}: resume fetched {len(fetched)} files")
+        print(f"\n{lines[0]}")
 
     bundle = load_bundle(export_run(second.run_uri, s3_server.uri("bundles")))
     assert bundle.kind == "clip" and bundle.metadata["step"] == 6

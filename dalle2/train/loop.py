@@ -366,9 +366,10 @@ def train_worker(config: dict) -> None:
     validation_shard = ray.train.get_dataset_shard("validation")
     checkpoint = ray.train.get_checkpoint()
     state = TrainState()
-    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as folder:
+    # Each rank fetches the shared files and its own shards only (checked complete on the storage).
+    restoring = ckpt.rank_copy(checkpoint.filesystem, checkpoint.path, rank) if checkpoint else contextlib.nullcontext()
+    with restoring as folder:
         if checkpoint:
-            ckpt.check_complete(folder)
             task.load_extra_state(model, ckpt.read_extra(folder))
         elif task.needs_preparation:
             first = (
