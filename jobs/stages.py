@@ -28,7 +28,7 @@ from typing import Any, Literal, Optional, Sequence
 from dalle2 import progress_bars
 from dalle2.config import from_dict
 from dalle2.data import storage
-from dalle2.train.progress import format_duration
+from dalle2.train.progress import final_metrics, format_duration, job_header
 from jobs.budget import Budget, loop_overrides, measure_budget
 from jobs.console import Console, log_dir_of
 from jobs.serve_stage import check_port_free, stage_serve
@@ -285,28 +285,16 @@ def stage_train(config: PipelineConfig, job: str, spec: StageSpec, budget: Optio
 
         if not is_complete(config.embeddings_uri):
             raise FileNotFoundError(f"{job}: its input embeddings {config.embeddings_uri} are absent or incomplete (run the embed stage first)")
-    source = "the embeddings" if from_embeddings else "the images"
-    scaling = job_config.scaling
-    devices = f"{scaling.workers} worker{'s' if scaling.workers > 1 else ''}" + (" (GPU)" if scaling.use_gpu else " (CPU)")
-    run = storage.join(job_config.run.storage, job_config.run.name)
-    header(
-        f"{job}: training {job_config.model.preset} {job_config.model_kind} for {job_config.loop.max_steps} steps from {source}",
-        model=f"{job_config.model.preset} {job_config.model_kind}, DeepSpeed ZeRO-{job_config.deepspeed.zero_stage} on {devices}",
-        data=job_config.data.path, run=f"{run} (metrics.csv, tensorboard/, checkpoints)", log=CONSOLE.section(job),
-    )  # fmt: skip
+    title, rows = job_header(job_config)
+    header(title, **rows, log=CONSOLE.section(job))
     started = time.monotonic()
     result = run_job(job_config, on_progress=say if CONSOLE.redirected else None)
     export_run(result.run_uri, bundle)
     if budget is not None:
         budget.record(job, time.monotonic() - started, job_config.loop.max_steps)
-    metrics = _metrics_line(result.metrics)
+    metrics = final_metrics(result.metrics)
     say(f"{job}: done in {format_duration(time.monotonic() - started)}" + (f" | {metrics}" if metrics else "") + f" | bundle {bundle}")
     return bundle
-
-
-def _metrics_line(metrics: dict) -> str:
-    names = {"loss": "loss", "val_loss": "val"}
-    return " | ".join(f"{names[k]} {metrics[k]:.4f}" for k in names if isinstance(metrics.get(k), (int, float)))
 
 
 def start_ray() -> str:
@@ -399,7 +387,7 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
                         help="plan the training stages' steps to fit this many minutes on this machine (timed at the start; "
                              "no stage below its min_steps); 0 = the configured steps. dalle2 demo: 30, dalle2 pipeline: 0")  # fmt: skip
     parser.add_argument("--verbose", action="store_true",
-                        help="Ray's, DeepSpeed's and the libraries' output on the console too (default: in <workdir>/logs)")  # fmt: skip
+                        help="Ray's, DeepSpeed's and the libraries' output on the console as well as in <workdir>/logs")  # fmt: skip
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
@@ -415,11 +403,11 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as error:
         print(f"pipeline: error: {error}", file=sys.stderr)
         return 2
-    CONSOLE = Console(None if getattr(args, "verbose", False) else log_dir_of(config.workdir))
+    CONSOLE = Console(log_dir_of(config.workdir), echo=getattr(args, "verbose", False))
     with CONSOLE:
         progress_bars.set_stream(CONSOLE.stream)  # bars on the terminal, not in the logs
-        if CONSOLE.redirected:
-            say(f"pipeline {args.config}: workdir {config.workdir}; Ray, DeepSpeed and library output go to {CONSOLE.log_dir} (--verbose: here)")
+        say(f"pipeline {args.config}: workdir {config.workdir}; Ray, DeepSpeed and library output go to {CONSOLE.log_dir}"
+            + (" and, with --verbose, here too" if CONSOLE.echo else " (--verbose: here too)"))  # fmt: skip
         try:
             run_pipeline(config, stop_after=args.stop_after, budget_minutes=getattr(args, "budget_minutes", None))
         except (ValueError, OSError) as error:
