@@ -19,22 +19,19 @@ Paths may be local or ``s3://``.
 from __future__ import annotations
 
 import argparse
-import base64
-import io
-import json
 import os
-import socket
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Sequence
 
 from dalle2 import progress_bars
 from dalle2.config import from_dict
 from dalle2.data import storage
-from dalle2.train.progress import format_duration
+from dalle2.train.progress import final_metrics, format_duration, job_header
+from jobs.budget import Budget, loop_overrides, measure_budget
 from jobs.console import Console, log_dir_of
+from jobs.serve_stage import check_port_free, stage_serve
 
 STAGES = ("clip", "embed", "prior", "decoder", "upsampler")  # in order, after the data; then serving
 FROM_EMBEDDINGS = ("prior", "decoder")  # the stages that train from the embed stage's rows
@@ -45,6 +42,9 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "demo-tiny-c
 class StageSpec:
     config: str = ""  # job YAML, relative to the pipeline config's folder
     max_steps: Optional[int] = None
+    # The fewest steps that still meet the quality targets: a time budget (--budget-minutes)
+    # never cuts the stage below it. None = the stage's steps are not cut.
+    min_steps: Optional[int] = None
     workers: Optional[int] = None
     zero_stage: Optional[int] = None
     # clip only: a CLIP bundle to use as it is (`dalle2 clip bundle` of a pretrained open_clip
@@ -54,6 +54,8 @@ class StageSpec:
     def __post_init__(self) -> None:
         if not self.config and not self.bundle:
             raise ValueError("a stage needs its job config (config: FILE)")
+        if self.min_steps is not None and not 1 <= self.min_steps <= (self.max_steps or self.min_steps):
+            raise ValueError(f"min_steps {self.min_steps} must be in [1, max_steps]")
 
 
 @dataclass(frozen=True)
@@ -210,10 +212,58 @@ def _bundle_name(job: str, model_kind: str) -> str:
     return model_kind if job == "upsampler" else job
 
 
-def stage_train(config: PipelineConfig, job: str, spec: StageSpec) -> str:
-    """Train one model (resuming its run) and export its bundle; returns the bundle URI."""
-    from dalle2.train.checkpoint import export_run
+def job_config_for(config: PipelineConfig, job: str, spec: StageSpec, loop: Optional[dict] = None):
+    """The stage's job config: its YAML with the pipeline's data, run, CLIP and scaling (and
+    ``loop`` overrides, a time budget's cut) applied."""
     from dalle2.train.config import load_job_config
+
+    from_embeddings = config.embed is not None and job in FROM_EMBEDDINGS
+    overrides: dict[str, Any] = {
+        "data": {"path": config.embeddings_uri, "format": "embeddings"} if from_embeddings else {"path": config.data_uri},
+        "run": {"storage": storage.join(config.workdir, "runs"), "name": job},
+        "loop": {**({"max_steps": spec.max_steps} if spec.max_steps is not None else {}), **(loop or {})},
+    }
+    if config.validation_fraction is not None:
+        overrides["data"]["validation_fraction"] = config.validation_fraction
+    if job in ("prior", "decoder"):
+        overrides["clip"] = config.bundle("clip")
+    if spec.workers is not None:
+        overrides["scaling"] = {"workers": spec.workers}
+    if spec.zero_stage is not None:
+        overrides["deepspeed"] = {"zero_stage": spec.zero_stage}
+    return load_job_config(job, os.path.join(config.base_dir, spec.config), overrides)
+
+
+def pending_jobs(config: PipelineConfig) -> dict[str, Any]:
+    """The training stages whose bundles are not there yet: stage -> job config."""
+    jobs = {}
+    for job in ("clip", "prior", "decoder", "upsampler"):
+        spec = getattr(config, job)
+        if spec is None or (job == "clip" and spec.bundle):
+            continue
+        job_config = job_config_for(config, job, spec)
+        if not storage.exists(storage.join(config.bundle(_bundle_name(job, job_config.model_kind)), "config.json")):
+            jobs[job] = job_config
+    return jobs
+
+
+def plan_budget(config: PipelineConfig, minutes: float) -> Budget:
+    """Time a few steps of each stage still to run, plan their steps within ``minutes``, say so."""
+    from dalle2.data.embed import is_complete
+
+    jobs = pending_jobs(config)
+    floors = {job: getattr(config, job).min_steps for job in jobs if getattr(config, job).min_steps is not None}
+    say(f"budget: timing a few steps of each stage to train ({', '.join(jobs) or 'none left'})")
+    budget = measure_budget(minutes * 60, jobs, floors, embed_pending=config.embed is not None and not is_complete(config.embeddings_uri))
+    for line in budget.opening_lines():
+        say(line)
+    return budget
+
+
+def stage_train(config: PipelineConfig, job: str, spec: StageSpec, budget: Optional[Budget] = None) -> str:
+    """Train one model (resuming its run) and export its bundle; returns the bundle URI. With a
+    ``budget``, the stage runs the steps the budget gives it (its ``max_steps`` lowered)."""
+    from dalle2.train.checkpoint import export_run
     from dalle2.train.launch import run_job
 
     if job == "clip" and spec.bundle:
@@ -221,25 +271,13 @@ def stage_train(config: PipelineConfig, job: str, spec: StageSpec) -> str:
         say(f"clip: the bundle {spec.bundle} is used as it is (clip.bundle), no CLIP training")
         return spec.bundle
     from_embeddings = config.embed is not None and job in FROM_EMBEDDINGS
-    overrides: dict[str, Any] = {
-        "data": {"path": config.embeddings_uri, "format": "embeddings"} if from_embeddings else {"path": config.data_uri},
-        "run": {"storage": storage.join(config.workdir, "runs"), "name": job},
-    }
-    if config.validation_fraction is not None:
-        overrides["data"]["validation_fraction"] = config.validation_fraction
-    if job in ("prior", "decoder"):
-        overrides["clip"] = config.bundle("clip")
-    if spec.max_steps is not None:
-        overrides["loop"] = {"max_steps": spec.max_steps}
-    if spec.workers is not None:
-        overrides["scaling"] = {"workers": spec.workers}
-    if spec.zero_stage is not None:
-        overrides["deepspeed"] = {"zero_stage": spec.zero_stage}
-    job_config = load_job_config(job, os.path.join(config.base_dir, spec.config), overrides)
+    job_config = job_config_for(config, job, spec)
     bundle = config.bundle(_bundle_name(job, job_config.model_kind))
     if storage.exists(storage.join(bundle, "config.json")):
         say(f"{job}: bundle {bundle} exists, skipped")
         return bundle
+    if budget is not None and job in budget.configured:
+        job_config = job_config_for(config, job, spec, loop_overrides(job_config.loop, budget.steps_for(job, say)))
     if job in ("prior", "decoder"):
         _require_clip_bundle(config, job)
     if from_embeddings:
@@ -247,85 +285,16 @@ def stage_train(config: PipelineConfig, job: str, spec: StageSpec) -> str:
 
         if not is_complete(config.embeddings_uri):
             raise FileNotFoundError(f"{job}: its input embeddings {config.embeddings_uri} are absent or incomplete (run the embed stage first)")
-    source = "the embeddings" if from_embeddings else "the images"
-    scaling = job_config.scaling
-    devices = f"{scaling.workers} worker{'s' if scaling.workers > 1 else ''}" + (" (GPU)" if scaling.use_gpu else " (CPU)")
-    run = storage.join(job_config.run.storage, job_config.run.name)
-    header(
-        f"{job}: training {job_config.model.preset} {job_config.model_kind} for {job_config.loop.max_steps} steps from {source}",
-        model=f"{job_config.model.preset} {job_config.model_kind}, DeepSpeed ZeRO-{job_config.deepspeed.zero_stage} on {devices}",
-        data=job_config.data.path, run=f"{run} (metrics.csv, tensorboard/, checkpoints)", log=CONSOLE.section(job),
-    )  # fmt: skip
+    title, rows = job_header(job_config)
+    header(title, **rows, log=CONSOLE.section(job))
     started = time.monotonic()
     result = run_job(job_config, on_progress=say if CONSOLE.redirected else None)
     export_run(result.run_uri, bundle)
-    metrics = _metrics_line(result.metrics)
+    if budget is not None:
+        budget.record(job, time.monotonic() - started, job_config.loop.max_steps)
+    metrics = final_metrics(result.metrics)
     say(f"{job}: done in {format_duration(time.monotonic() - started)}" + (f" | {metrics}" if metrics else "") + f" | bundle {bundle}")
     return bundle
-
-
-def _metrics_line(metrics: dict) -> str:
-    names = {"loss": "loss", "val_loss": "val"}
-    return " | ".join(f"{names[k]} {metrics[k]:.4f}" for k in names if isinstance(metrics.get(k), (int, float)))
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _check_port_free(port: int) -> None:
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError as error:
-            raise ValueError(
-                f"serve.port {port}: 127.0.0.1:{port} is already in use ({error.strerror}); "
-                "stop what listens there, choose another port, or 0 for any free one"
-            ) from None
-
-
-def _post_json(url: str, body: dict, timeout: float = 600) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
-
-
-def stage_serve(config: PipelineConfig) -> tuple[str, str]:
-    """Serve the bundles with Ray Serve, ask the HTTP API for each prompt, write a PNG grid;
-    returns the grid's URI and the URL it was served at."""
-    from PIL import Image
-    from ray import serve
-
-    from dalle2.images import make_grid, png_bytes
-    from dalle2.progress_bars import Bar
-    from serve.app import DEFAULT_CONFIG as SERVE_CONFIG
-    from serve.app import app_from_config, read_serve_config
-
-    serve_config = read_serve_config(os.path.join(config.base_dir, config.serve.config) if config.serve.config else SERVE_CONFIG)
-    port = config.serve.port or _free_port()
-    bundles = storage.join(config.workdir, "bundles")
-    bundles = bundles if "://" in bundles else os.path.abspath(bundles)  # replicas run elsewhere
-    header(f"serve: the bundles behind OpenAI's Images API at http://127.0.0.1:{port}/v1/images/generations",
-           bundles=bundles, log=CONSOLE.section("serve"))  # fmt: skip
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        serve.run(app_from_config(serve_config, {"bundles": bundles}), name="dalle2", route_prefix="/", blocking=False)
-        images = []
-        with Bar(len(config.serve.prompts) * config.serve.n, "serve: generating over HTTP", "img") as bar:
-            for prompt in config.serve.prompts:
-                reply = _post_json(
-                    f"http://127.0.0.1:{port}/v1/images/generations",
-                    {"prompt": prompt, "n": config.serve.n, "response_format": "b64_json", "seed": len(images)},
-                )
-                images += [Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))).convert("RGB") for item in reply["data"]]
-                bar.update(len(reply["data"]))
-    finally:
-        serve.shutdown()
-    storage.write_bytes(config.grid_uri, png_bytes(make_grid(images, columns=config.serve.n)))
-    say(f"serve: {len(images)} images in {config.grid_uri}")
-    return config.grid_uri, f"http://127.0.0.1:{port}"
 
 
 def start_ray() -> str:
@@ -343,17 +312,19 @@ def start_ray() -> str:
     return url if not url or "://" in url else f"http://{url}"
 
 
-def run_pipeline(config: PipelineConfig, stop_after: Optional[str] = None) -> dict[str, str]:
+def run_pipeline(config: PipelineConfig, stop_after: Optional[str] = None, budget_minutes: Optional[float] = None) -> dict[str, str]:
     """Run (or resume) every stage; returns what each produced. Joins the cluster at
-    RAY_ADDRESS (``ray job submit`` sets it) or starts a local one, and stops only what it started."""
+    RAY_ADDRESS (``ray job submit`` sets it) or starts a local one, and stops only what it started.
+    With ``budget_minutes``, the training stages' steps are planned to fit it (:mod:`jobs.budget`)."""
     import ray
 
     outputs: dict[str, str] = {}
     started = time.monotonic()
     if config.serve.port and stop_after is None:
-        _check_port_free(config.serve.port)  # before any stage: not after half an hour of training
+        check_port_free(config.serve.port)  # before any stage: not after half an hour of training
     stage_data(config)
     outputs["data"] = config.data_uri
+    budget = plan_budget(config, budget_minutes) if budget_minutes else None  # before Ray: nothing else on the cores
     owns_ray = not ray.is_initialized()
     if owns_ray:
         CONSOLE.section("ray")
@@ -365,10 +336,16 @@ def run_pipeline(config: PipelineConfig, stop_after: Optional[str] = None) -> di
             spec = getattr(config, stage)
             if spec is None:
                 continue
-            outputs[stage] = stage_embed(config, spec) if stage == "embed" else stage_train(config, stage, spec)
+            stage_started = time.monotonic()
+            outputs[stage] = stage_embed(config, spec) if stage == "embed" else stage_train(config, stage, spec, budget)
+            if budget is not None and stage == "embed":
+                budget.record(stage, time.monotonic() - stage_started)
             if stop_after == stage:
                 return outputs
-        outputs["grid"], outputs["served"] = stage_serve(config)
+        if budget is not None:
+            for line in budget.closing_lines():
+                say(line)
+        outputs["grid"], outputs["served"] = stage_serve(config, CONSOLE)
     finally:
         if owns_ray:
             CONSOLE.section("ray")
@@ -406,8 +383,11 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", help="override the config's workdir (local or s3://)")
     parser.add_argument("--data", help="override the config's dataset (image-caption Parquet: a folder, file:// or s3://)")
     parser.add_argument("--stop-after", choices=STAGES, help="stop after this stage (before serving)")
+    parser.add_argument("--budget-minutes", type=float, default=None,
+                        help="plan the training stages' steps to fit this many minutes on this machine (timed at the start; "
+                             "no stage below its min_steps); 0 = the configured steps. dalle2 demo: 30, dalle2 pipeline: 0")  # fmt: skip
     parser.add_argument("--verbose", action="store_true",
-                        help="Ray's, DeepSpeed's and the libraries' output on the console too (default: in <workdir>/logs)")  # fmt: skip
+                        help="Ray's, DeepSpeed's and the libraries' output on the console as well as in <workdir>/logs")  # fmt: skip
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
@@ -423,13 +403,13 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as error:
         print(f"pipeline: error: {error}", file=sys.stderr)
         return 2
-    CONSOLE = Console(None if getattr(args, "verbose", False) else log_dir_of(config.workdir))
+    CONSOLE = Console(log_dir_of(config.workdir), echo=getattr(args, "verbose", False))
     with CONSOLE:
         progress_bars.set_stream(CONSOLE.stream)  # bars on the terminal, not in the logs
-        if CONSOLE.redirected:
-            say(f"pipeline {args.config}: workdir {config.workdir}; Ray, DeepSpeed and library output go to {CONSOLE.log_dir} (--verbose: here)")
+        say(f"pipeline {args.config}: workdir {config.workdir}; Ray, DeepSpeed and library output go to {CONSOLE.log_dir}"
+            + (" and, with --verbose, here too" if CONSOLE.echo else " (--verbose: here too)"))  # fmt: skip
         try:
-            run_pipeline(config, stop_after=args.stop_after)
+            run_pipeline(config, stop_after=args.stop_after, budget_minutes=getattr(args, "budget_minutes", None))
         except (ValueError, OSError) as error:
             CONSOLE.error(error)
             return 2

@@ -3,6 +3,7 @@ trackers a training run writes to (TensorBoard, MLflow), without a cluster."""
 
 import fcntl
 import io
+import json
 import os
 import select
 import struct
@@ -10,6 +11,8 @@ import subprocess
 import sys
 import termios
 import textwrap
+
+import pytest
 
 from PIL import Image
 
@@ -109,3 +112,54 @@ def test_open_trackers_pickle_for_a_restart_after_a_lost_node(tmp_path):
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(4, 0.5), (5, 0.25)]
+
+
+def test_verbose_console_writes_the_logs_and_shows_them_too(tmp_path):
+    script = textwrap.dedent(f"""
+        import os, logging
+        from jobs.console import Console
+        with Console({str(tmp_path / "logs")!r}, echo=True) as console:
+            console.say("before any section")
+            console.section("clip")
+            console.say("ours")
+            print("a library's print", flush=True)
+            logging.getLogger("ray").warning("a logger line")
+            os.write(2, b"a C++ line on fd 2\\n")
+            console.section("prior")
+            os.write(1, b"a prior worker line\\n")
+        print("after: back on the terminal")
+    """)
+    run = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    terminal = run.stdout.splitlines()
+    assert terminal[0].endswith("] before any section") and terminal[-1] == "after: back on the terminal"
+    for line in ("] ours", "a library's print", "a logger line", "a C++ line on fd 2", "a prior worker line"):
+        assert sum(line in shown for shown in terminal) == 1, terminal  # on the terminal once, not twice
+    clip, prior = ((tmp_path / "logs" / f"{name}.log").read_text() for name in ("clip", "prior"))
+    for line in ("] ours", "a library's print", "a logger line", "a C++ line on fd 2"):
+        assert line in clip, clip
+    assert "a prior worker line" in prior and "before any section" not in clip + prior
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1000)
+def test_dalle2_train_alone_keeps_our_lines_and_logs_ray_and_deepspeed(tmp_path, train_shapes):
+    """`dalle2 train` outside the pipeline: the job's header, progress lines and summary without
+    Ray's `(TrainController pid=...)` prefixes; the rest in <storage>/logs/<name>.log."""
+    runs = tmp_path / "runs"
+    command = [sys.executable, "-m", "jobs.train_upsampler", "--data", train_shapes, "--storage", str(runs), "--name", "up",
+               "--max-steps", "2", "--workers", "1", "--batch-size", "8"]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, env={**os.environ, "RAY_ADDRESS": ""}, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    *ours, summary = done.stdout.splitlines()
+    assert all(line.startswith("[") and "] " in line for line in ours), ours
+    text = "\n".join(ours)
+    log = runs / "logs" / "up.log"
+    assert "upsampler: training tiny upsampler_256 for 2 steps from the images" in text and f"log    {log}" in text
+    assert "upsampler step 2/2 (100%)" in text and "upsampler: done in " in text and f"run {runs / 'up'}" in text
+    for noise in ("pid=", "real_accelerator", "[WARNING]", "INFO worker.py"):  # Ray's prefixes, DeepSpeed's and Ray's loggers
+        assert noise not in done.stdout + done.stderr, noise
+    assert done.stderr == ""
+    assert json.loads(summary)["step"] == 2
+    written = log.read_text(errors="replace")
+    assert "pid=" in written and "deepspeed" in written.lower() and "upsampler step 2/2" in written

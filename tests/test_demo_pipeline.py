@@ -120,6 +120,7 @@ def test_full_pipeline_returns_images_over_http_and_resumes(tmp_path, monkeypatc
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert rerun.stdout.count("exists, skipped") == 6, rerun.stdout
     assert "Started a local Ray instance" in rerun.stdout + rerun.stderr
+    assert _logs(work)["ray.log"].count("Started a local Ray instance") == 2  # --verbose: the logs are written all the same
     assert "Started a local Ray instance" in logs["ray.log"] and "Started a local Ray instance" not in text
 
 

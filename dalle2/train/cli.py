@@ -15,7 +15,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
+import time
+import traceback
 from typing import Any, Optional, Sequence
 
 from dalle2.train.config import JOB_KINDS
@@ -39,6 +42,8 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, help="optimizer steps in total")
     parser.add_argument("--batch-size", type=int, help="per worker and micro-step")
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker, nccl")
+    parser.add_argument("--verbose", action="store_true",
+                        help="Ray's, DeepSpeed's and the libraries' output on the console as well as in <storage>/logs/<name>.log")  # fmt: skip
 
 
 def job_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -64,11 +69,44 @@ def job_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Train under the pipeline's console: the job's header, our progress lines and a summary
+    on the terminal; Ray's, DeepSpeed's and the libraries' output in ``<storage>/logs/<name>.log``
+    (``--verbose``: on the terminal too); then the summary as one JSON line for scripts."""
+    import ray
+
     from dalle2.train.config import load_job_config
-    from dalle2.train.launch import run_job
+    from dalle2.train.launch import check_job, run_job
+    from dalle2.train.preflight import check_cluster_address, check_resume
+    from dalle2.train.progress import final_metrics, format_duration, job_header
+    from jobs.console import Console, log_dir_of
 
     job = load_job_config(args.job, args.config, job_overrides(args))
-    result = run_job(job)
+    # The checks run_job makes first, made here too, before the console opens its log: bad input
+    # is one line on stderr (exit 2) and leaves nothing written.
+    check_resume(job, check_job(job).run_uri)
+    check_cluster_address(os.environ.get("RAY_ADDRESS"))
+    console = Console(log_dir_of(job.run.storage), echo=getattr(args, "verbose", False), name=f"train {args.job}")
+    with console:
+        title, rows = job_header(job)
+        console.header(title, **rows, log=console.section(job.run.name))
+        started = time.monotonic()
+        owns_ray = not ray.is_initialized()
+        try:
+            result = run_job(job, on_progress=console.say)
+        except (ValueError, OSError):
+            # A bad input found by the job's checks: the caller prints its one line (exit 2);
+            # the traceback stays in the log.
+            traceback.print_exc()
+            raise
+        except Exception as error:  # noqa: BLE001 - a training failure: its message here, its traceback in the log
+            console.error(error)
+            return 1
+        finally:
+            if owns_ray and ray.is_initialized():
+                ray.shutdown()  # inside the console: Ray's goodbyes go to the log, not after our summary
+        figures = final_metrics(result.metrics)
+        console.say(f"{args.job}: done in {format_duration(time.monotonic() - started)}" + (f" | {figures}" if figures else "")
+                    + f" | run {result.run_uri} | bundle: dalle2 export {result.run_uri} OUT")  # fmt: skip
     summary = {"run": result.run_uri, "checkpoint": result.checkpoint_uri, "dropped_rows": result.dropped_rows}
     summary.update({k: result.metrics[k] for k in ("step", "loss", "val_loss") if k in result.metrics})
     print(json.dumps(summary))

@@ -51,15 +51,22 @@ def check_cluster_address(address: Optional[str], timeout_s: float = ADDRESS_TIM
 
 def connect_ray() -> None:
     """Join the cluster of ``RAY_ADDRESS`` (or a ``ray job submit`` driver's), checked first;
-    without one, start a local Ray."""
+    without one, start a local Ray with its dashboard on 127.0.0.1. Not ``ray.init()``: that
+    joins whatever Ray this machine last started (another user's, maybe unreachable), and a Ray
+    without a dashboard leaves Ray Train's placement-group cleaner asking 127.0.0.1:8265, where
+    another Ray may answer that this run's controller is gone (see jobs.stages.start_ray)."""
     import os
 
     import ray
 
     if ray.is_initialized():
         return
-    check_cluster_address(os.environ.get("RAY_ADDRESS"))
-    ray.init()
+    address = os.environ.get("RAY_ADDRESS")
+    check_cluster_address(address)
+    if address:
+        ray.init()
+    else:
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
 
 
 def check_batches(pieces: Sequence[Piece], job: JobConfig) -> None:

@@ -31,6 +31,27 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def job_header(job: Any) -> tuple[str, dict[str, str]]:
+    """A training job's header on the console (`dalle2 train`, each pipeline stage): the title,
+    then what trains where, on what data, and where its run lives."""
+    source = {"embeddings": "the embeddings", "webdataset": "the WebDataset shards"}.get(job.data.format.value, "the images")
+    scaling = job.scaling
+    devices = f"{scaling.workers} worker{'s' if scaling.workers > 1 else ''}" + (" (GPU)" if scaling.use_gpu else " (CPU)")
+    run = storage.join(job.run.storage, job.run.name)
+    title = f"{job.job}: training {job.model.preset} {job.model_kind} for {job.loop.max_steps} steps from {source}"
+    return title, {
+        "model": f"{job.model.preset} {job.model_kind}, DeepSpeed ZeRO-{job.deepspeed.zero_stage} on {devices}",
+        "data": job.data.path,
+        "run": f"{run} (metrics.csv, tensorboard/, checkpoints)",
+    }
+
+
+def final_metrics(metrics: dict[str, Any]) -> str:
+    """``loss 0.1234 | val 0.1100``: a finished job's summary line's figures (those it has)."""
+    names = {"loss": "loss", "val_loss": "val"}
+    return " | ".join(f"{names[k]} {metrics[k]:.4f}" for k in names if isinstance(metrics.get(k), (int, float)))
+
+
 def progress_line(job: str, metrics: dict[str, Any]) -> str:
     """``decoder step 40/200 (20%) | loss 0.1234 | val 0.1100 | 3.20 steps/s | 51.2 samples/s | lr 3.0e-04 | eta 0:00:50``"""
     step, total = metrics["step"], metrics.get("max_steps") or metrics["step"]

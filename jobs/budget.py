@@ -1,0 +1,228 @@
+"""The demo's time budget: measure each training stage's step rate, plan its steps, report.
+
+``dalle2 demo --budget-minutes 30`` times a few bare steps of every training stage that is
+still to run (:mod:`dalle2.train.step_timing`), turns them into the full job's seconds per step
+with the ratio measured on the reference machine (:data:`REFERENCE`), and asks
+:func:`plan_steps` how many steps each stage gets. On a machine as fast as the reference
+nothing is cut; on a slower one every stage keeps its floor (``min_steps`` in the pipeline
+config) and gives up the same share of the steps above it. Before each stage the plan is made
+again from the time left and from how the finished stages' real times compared with their
+estimates, so an estimate that was off is corrected by the stages that follow.
+
+The cut is a smaller ``loop.max_steps``: the LR schedule's cosine ends at ``max_steps``
+(:mod:`dalle2.train.schedule`), and :func:`loop_overrides` shrinks the validation and checkpoint
+cadence with it, so a cut run validates and checkpoints as often, relative to its length, as
+the configured one. The budget covers the training stages and the embed stage; building the
+dataset and serving are outside it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional
+
+# The reference: the 2-core AVX-512 CPU machine of the README's demo run. `job` is a stage's
+# wall time there divided by its steps (Ray Train start, data, validation, checkpoints and export
+# included: CLIP 356 s / 1,200, prior 127 s / 600, decoder 1,073 s / 1,600, upsampler 102 s / 250);
+# `bare` is dalle2.train.step_timing.bare_step_seconds of the same job config on the same kind of
+# machine (fastest of 5 steps, 1 thread). On another machine a stage's job seconds per step are
+# estimated as job * (bare measured there / bare here).
+@dataclass(frozen=True)
+class Reference:
+    job: float
+    bare: float
+
+
+REFERENCE = {
+    "clip": Reference(job=356 / 1200, bare=0.193),
+    "prior": Reference(job=127 / 600, bare=0.073),
+    "decoder": Reference(job=1073 / 1600, bare=0.603),
+    "upsampler": Reference(job=102 / 250, bare=0.130),
+}
+EMBED_REFERENCE_S = 48.0  # the embed stage there (8,192 rows); it runs CLIP, so it scales like the clip stage
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    stage: str
+    configured: int  # the config's loop.max_steps
+    floor: int  # fewest steps that still meet the quality targets (min_steps)
+    planned: int
+    seconds_per_step: float  # estimated for the full job on this machine
+
+    @property
+    def seconds(self) -> float:
+        return self.planned * self.seconds_per_step
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    budget_s: float
+    fixed_s: float  # time in the budget that no cut shortens (the embed stage)
+    stages: tuple[StagePlan, ...]
+    fits: bool
+    explanation: str
+
+    @property
+    def expected_s(self) -> float:
+        return self.fixed_s + sum(stage.seconds for stage in self.stages)
+
+    def steps(self, stage: str) -> int:
+        return next(plan.planned for plan in self.stages if plan.stage == stage)
+
+
+def plan_steps(budget_s: float, seconds_per_step: Mapping[str, float], configured: Mapping[str, int],
+               floors: Mapping[str, int], fixed_s: float = 0.0) -> BudgetPlan:  # fmt: skip
+    """Steps per stage so that ``fixed_s`` + sum(steps x seconds per step) fits ``budget_s``.
+
+    No cut when the configured steps fit. Otherwise each stage keeps its floor and the same
+    fraction of its steps above the floor, the largest fraction that fits (so no stage's quality
+    is spent first). When even the floors do not fit, the plan is the floors, ``fits`` is False
+    and the explanation says how long they will take."""
+    if budget_s <= 0:
+        raise ValueError(f"the budget must be > 0 seconds, got {budget_s}")
+    names = list(configured)
+    floor = {name: min(floors.get(name, configured[name]), configured[name]) for name in names}
+
+    def make(planned: Mapping[str, int], fits: bool, explanation: str) -> BudgetPlan:
+        stages = tuple(StagePlan(name, configured[name], floor[name], planned[name], seconds_per_step[name]) for name in names)
+        return BudgetPlan(budget_s, fixed_s, stages, fits, explanation)
+
+    full_s = fixed_s + sum(seconds_per_step[name] * configured[name] for name in names)
+    if full_s <= budget_s:
+        return make(configured, True, f"the configured steps fit: about {_minutes(full_s)} of the {_minutes(budget_s)} budget, nothing cut")
+    least_s = fixed_s + sum(seconds_per_step[name] * floor[name] for name in names)
+    if least_s > budget_s:
+        return make(floor, False,
+                    f"this machine is too slow for the {_minutes(budget_s)} budget: even the floors ({_steps(floor)}) need about "
+                    f"{_minutes(least_s)}; training at the floors (--budget-minutes {math.ceil(full_s / 60)} keeps every configured step)")  # fmt: skip
+    spare = sum(seconds_per_step[name] * (configured[name] - floor[name]) for name in names)
+    fraction = (budget_s - least_s) / spare
+    planned = {name: floor[name] + math.floor(fraction * (configured[name] - floor[name])) for name in names}
+    cuts = ", ".join(f"{name} {configured[name]} -> {planned[name]}" for name in names if planned[name] < configured[name])
+    return make(planned, True,
+                f"the configured steps need about {_minutes(full_s)}, more than the {_minutes(budget_s)} budget: "
+                f"cutting {1 - fraction:.0%} of the steps above each floor ({cuts})")  # fmt: skip
+
+
+def loop_overrides(loop, planned: int) -> dict:
+    """``loop`` overrides that run ``planned`` steps instead of ``loop.max_steps``: validation and
+    checkpoints as often relative to the run's length (multiples of ``log_every``, at least one
+    log interval apart; 0, "only at the end", stays 0)."""
+    if planned >= loop.max_steps:
+        return {}
+    scale = planned / loop.max_steps
+
+    def cadence(every: int) -> int:
+        if every == 0:
+            return 0
+        return max(loop.log_every, round(every * scale / loop.log_every) * loop.log_every)
+
+    return {"max_steps": planned, "val_every": cadence(loop.val_every), "checkpoint_every": cadence(loop.checkpoint_every)}
+
+
+def estimate_seconds_per_step(stage: str, bare_s: float) -> float:
+    """The full job's seconds per step on this machine from its bare step here."""
+    reference = REFERENCE[stage]
+    return reference.job * bare_s / reference.bare
+
+
+class Budget:
+    """The plan of one pipeline run, made again before each stage, and the actual times."""
+
+    def __init__(self, budget_s: float, seconds_per_step: Mapping[str, float], configured: Mapping[str, int],
+                 floors: Mapping[str, int], embed_s: float = 0.0):  # fmt: skip
+        self.budget_s = budget_s
+        self.rates = dict(seconds_per_step)
+        self.configured, self.floors = dict(configured), dict(floors)
+        self.embed_s = embed_s  # estimated; 0 when the embed stage is done or absent
+        self.first = plan_steps(budget_s, self.rates, self.configured, self.floors, embed_s)
+        self.planned = {plan.stage: plan.planned for plan in self.first.stages}  # what each stage was given
+        self.estimated = {plan.stage: plan.seconds for plan in self.first.stages} | ({"embed": embed_s} if embed_s else {})
+        self.actual: dict[str, tuple[float, int]] = {}  # stage -> (seconds, steps)
+
+    @property
+    def spent_s(self) -> float:
+        return sum(seconds for seconds, _ in self.actual.values())
+
+    @property
+    def slowdown(self) -> float:
+        """Actual over estimated time of the finished stages (1.0 before any)."""
+        done = [stage for stage in self.actual if stage in self.estimated]
+        estimated = sum(self.estimated[stage] for stage in done)
+        return sum(self.actual[stage][0] for stage in done) / estimated if estimated else 1.0
+
+    def steps_for(self, stage: str, say: Callable[[str], None]) -> int:
+        """The steps ``stage`` runs, planned again with the time left, every remaining estimate
+        scaled by how the finished stages' times compared with theirs."""
+        if stage not in self.configured:
+            raise KeyError(f"{stage}: not in the budget's plan")
+        left = [name for name in self.configured if name not in self.actual]
+        if self.actual:
+            slowdown = self.slowdown
+            fixed = self.embed_s * slowdown if "embed" not in self.actual else 0.0
+            rates = {name: self.rates[name] * slowdown for name in left}
+            remaining = max(self.budget_s - self.spent_s, 1.0)
+            plan = plan_steps(remaining, rates, {name: self.configured[name] for name in left}, self.floors, fixed)
+            steps = plan.steps(stage)
+            if steps != self.planned[stage]:
+                say(f"budget: {stage} {self.planned[stage]} -> {steps} steps (the stages so far took {slowdown:.2f}x their "
+                    f"estimate; {_minutes(remaining)} left): {plan.explanation}")  # fmt: skip
+                self.estimated[stage] = steps * rates[stage]
+            self.planned[stage] = steps
+        return self.planned[stage]
+
+    def record(self, stage: str, seconds: float, steps: int = 0) -> None:
+        self.actual[stage] = (seconds, steps)
+
+    def opening_lines(self) -> list[str]:
+        lines = [f"budget: {_minutes(self.budget_s)} of training; {self.first.explanation}"]
+        if self.embed_s:
+            lines.append(f"   embed      about {_minutes(self.embed_s)}")
+        for plan in self.first.stages:
+            cut = f" (configured {plan.configured}, floor {plan.floor})" if plan.planned < plan.configured else ""
+            lines.append(f"   {plan.stage:<10} {plan.planned} steps{cut}, about {_minutes(plan.seconds)} at {plan.seconds_per_step:.2f} s/step")
+        lines.append(f"   expected   {_minutes(self.first.expected_s)} in all")
+        if self.first.fits and all(plan.planned == plan.configured for plan in self.first.stages) and self.floors:
+            lines.append(f"   if slower  each stage's steps are cut toward its floor ({_steps(self.floors)}), re-planned before each stage")
+        return lines
+
+    def closing_lines(self) -> list[str]:
+        """Actual against planned, stage by stage, and the total against the budget."""
+        lines = []
+        for stage, (seconds, steps) in self.actual.items():
+            planned = f"{self.planned[stage]} steps, " if stage in self.planned else ""
+            ran = f"{steps} steps in " if steps else ""
+            lines.append(f"   {stage:<10} planned {planned}{_minutes(self.estimated.get(stage, 0.0))}; ran {ran}{_minutes(seconds)}")
+        verdict = "within" if self.spent_s <= self.budget_s else "over"
+        lines.insert(0, f"budget: training took {_minutes(self.spent_s)}, {verdict} the {_minutes(self.budget_s)} budget "
+                        f"(planned {_minutes(self.first.expected_s)})")  # fmt: skip
+        return lines
+
+
+def measure_budget(budget_s: float, jobs: Mapping[str, object], floors: Mapping[str, int], embed_pending: bool,
+                   time_step: Optional[Callable[[object], float]] = None) -> Budget:  # fmt: skip
+    """A :class:`Budget` for the training ``jobs`` still to run (stage -> JobConfig), from a timed
+    warm-up of each (``time_step``: job -> bare seconds per step; the real one by default)."""
+    if time_step is None:
+        from dalle2.train.step_timing import bare_step_seconds
+
+        time_step = functools.partial(bare_step_seconds, steps=5)  # about 10 s for the demo's four stages
+    bare = {stage: time_step(job) for stage, job in jobs.items()}
+    rates = {stage: estimate_seconds_per_step(stage, seconds) for stage, seconds in bare.items()}
+    # The embed stage runs CLIP's forward: it scales like the clip stage (the reference's speed
+    # when CLIP is not trained here, e.g. a resumed run).
+    clip_speed = bare["clip"] / REFERENCE["clip"].bare if "clip" in bare else 1.0
+    embed_s = EMBED_REFERENCE_S * clip_speed if embed_pending else 0.0
+    configured = {stage: job.loop.max_steps for stage, job in jobs.items()}
+    return Budget(budget_s, rates, configured, {stage: floors[stage] for stage in jobs if stage in floors}, embed_s)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
+
+
+def _steps(steps: Mapping[str, int]) -> str:
+    return ", ".join(f"{name} {count}" for name, count in steps.items())
