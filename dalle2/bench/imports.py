@@ -78,7 +78,7 @@ def run_import_bench(settings: ImportBenchSettings, log: Optional[Callable[[str]
     say = log or (lambda message: None)
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(include_dashboard=False)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)  # never a stale recorded Ray
     try:
         workers = settings.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         with tempfile.TemporaryDirectory(prefix="dalle2-bench-import-") as workdir:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import io
 import json
+import os
 import logging
 import posixpath
 from dataclasses import dataclass, field
@@ -183,8 +184,9 @@ def ray_import(config: RayImportConfig) -> ImportReport:
     if done:
         log.warning("resuming the import into %s: %d of %d units already complete", config.out, len(done), len(units))
     if pending:
-        if not ray.is_initialized():
-            ray.init()
+        if not ray.is_initialized():  # RAY_ADDRESS's cluster, else a new local one: a bare ray.init()
+            # would join the last Ray this machine recorded, which may be gone (it then hangs).
+            ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
         workers = config.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         items = [{"index": u.index, "kind": u.kind, "files": u.files} for u in pending]
         results = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -222,8 +223,8 @@ def run(settings: TrainBenchSettings, use_gpu: bool = False) -> dict[str, Any]:
     """Both measurements, as a JSON-ready dict."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init()
+    if not ray.is_initialized():  # never the last Ray this machine recorded (it may be gone)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
     cpus = float(settings.threads)
 
     def job(name: str, preset: str, zero: int, workers: int, batch: int, precision: str = "fp32") -> JobConfig:
