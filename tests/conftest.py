@@ -164,3 +164,13 @@ def tiny_clip_bundle(tmp_path_factory) -> str:
 
     torch.manual_seed(0)
     return save_bundle(create_model("clip", "tiny"), "clip", str(tmp_path_factory.mktemp("bundles") / "clip"))
+
+
+def pytest_collection_modifyitems(items):
+    """The fake-autoscaler test first, before this process has used Ray Data on another cluster:
+    after that (tests/test_data_ray_import.py then tests/test_train_autoscaling.py reproduces it
+    every time; either alone passes), Ray cancels Ray Train's own TrainController on the fake
+    cluster before it starts ("all references to the actor were removed"). Not diagnosed yet:
+    state that Ray keeps in the driver process across ray.shutdown()/ray.init(). A stable sort:
+    everything else keeps its order."""
+    items.sort(key=lambda item: item.path.name != "test_train_autoscaling.py")
