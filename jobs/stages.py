@@ -31,6 +31,7 @@ from dalle2.data import storage
 from dalle2.train.progress import final_metrics, format_duration, job_header
 from jobs.budget import Budget, loop_overrides, measure_budget
 from jobs.console import Console, log_dir_of
+from jobs.eval_stage import EvalSpec, stage_eval
 from jobs.serve_stage import check_port_free, stage_serve
 
 STAGES = ("clip", "embed", "prior", "decoder", "upsampler")  # in order, after the data; then serving
@@ -104,6 +105,7 @@ class PipelineConfig:
     # Held-out fraction of the rows (by a hash of each key) for every stage; None = each job
     # config's own data.validation_fraction. `dalle2 eval --validation-fraction` takes the same.
     validation_fraction: Optional[float] = None
+    eval: Optional[EvalSpec] = None  # the quality check after training (jobs.eval_stage); None = none
 
     @property
     def data_uri(self) -> str:
@@ -345,6 +347,9 @@ def run_pipeline(config: PipelineConfig, stop_after: Optional[str] = None, budge
         if budget is not None:
             for line in budget.closing_lines():
                 say(line)
+        if config.eval is not None and config.decoder is not None:
+            fraction = job_config_for(config, "decoder", config.decoder).data.validation_fraction  # the split no model trained on
+            outputs["eval"] = stage_eval(config, config.eval, fraction, CONSOLE)
         outputs["grid"], outputs["served"] = stage_serve(config, CONSOLE)
     finally:
         if owns_ray:
@@ -365,7 +370,7 @@ def _closing_lines(config: PipelineConfig, outputs: dict[str, str], seconds: flo
         runs=f"tensorboard --logdir {storage.join(config.workdir, 'runs')}",
         logs=CONSOLE.log_dir or "",
         serve=f"served at {outputs['served']} during the run; again: dalle2 serve --bundles {bundles}",
-        eval=f"dalle2 eval --bundles {bundles} --data {config.data_uri} --out {storage.join(config.workdir, 'eval')}",
+        eval=outputs.get("eval") or f"dalle2 eval --bundles {bundles} --data {config.data_uri} --out {storage.join(config.workdir, 'eval')}",
     )
 
 

@@ -54,7 +54,7 @@ class BenchSettings:
     overload_clients: int = 64
     overload_limit: int = 8
     overload_s: float = 60.0
-    runs: tuple[str, ...] = ("latency", "throughput", "load", "overload")
+    runs: tuple[str, ...] = ("latency", "throughput", "load", "overload", "defaults")
     timeout_s: float = 300.0
 
     def body(self, seed: int) -> dict[str, Any]:
@@ -133,10 +133,11 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def _post(settings: BenchSettings, seed: int):
+def _post(settings: BenchSettings, seed: int, extra: Optional[dict] = None):
     import requests
 
-    return requests.post(f"http://127.0.0.1:{settings.port}/v1/images/generations", json=settings.body(seed), timeout=settings.timeout_s)
+    body = {**settings.body(seed), **(extra or {})}
+    return requests.post(f"http://127.0.0.1:{settings.port}/v1/images/generations", json=body, timeout=settings.timeout_s)
 
 
 def in_process_times(settings: BenchSettings, bundles: str) -> list[float]:
@@ -363,6 +364,12 @@ def run(settings: BenchSettings, progress: Callable[[str], None] = print) -> dic
                 unbatched = measure_throughput(settings)
                 speedup = batched["images_per_s"] / max(unbatched["images_per_s"], 1e-9)
                 result["throughput"] = {"batching_on": batched, "batching_off": unbatched, "speedup": speedup, "ceiling": ceiling}
+            if "defaults" in settings.runs:
+                from serve.bench_defaults import measure_defaults
+
+                progress(f"defaults: {settings.latency_requests} requests at the new defaults and at the old, interleaved...")
+                _deploy(config, bundles)
+                result["defaults"] = measure_defaults(settings.latency_requests, lambda extra: _post(settings, 0, extra))
             if "load" in settings.runs:
                 progress(f"load: {settings.load_requests} requests from {settings.load_clients} clients (shipped config)...")
                 _deploy(config, bundles)
@@ -409,6 +416,10 @@ def summary(result: dict[str, Any]) -> str:
             f"ceiling     decoder forward per image, batch 1 vs {result['settings']['clients']}: {throughput['ceiling']['ratio']:.2f}x"
             " (the most that sharing forward passes can give on this machine)",
         ]
+    if "defaults" in result:
+        from serve.bench_defaults import summary_line
+
+        lines.append(summary_line(result["defaults"]))
     if "load" in result:
         load = result["load"]
         lines.append(

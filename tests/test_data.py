@@ -132,12 +132,37 @@ def test_shapes_captions_and_pixels_state_the_labels():
     assert len({r["position"] for r in rows}) == len(shapes.POSITIONS)
     for row in rows:
         labels = {name: row[name] for name in shapes.LABEL_COLUMNS}
-        where = shapes.POSITIONS[row["position"]][1]
         caption = row["caption"]
-        assert all(word in caption for word in (row["shape"], row["color"], row["size"], where, row["background"]))
+        said = {
+            "where": shapes.POSITION_PHRASES[row["position"]][0], "size": shapes.SIZE_WORDS[row["size"]],
+            "background": shapes.BACKGROUND_WORDS[row["background"]], "shape": [row["shape"]], "color": [row["color"]],
+        }  # fmt: skip
+        assert all(any(form in caption for form in forms) for forms in said.values()), caption
         image = decoded(row["image"])
         assert image.shape == (64, 64, 3) and (row["width"], row["height"]) == (64, 64)
         assert read_attributes(image) == labels, caption
+
+
+def test_shapes_captions_vary_and_the_held_out_phrasings_never_train():
+    labels = [{name: row[name] for name in shapes.LABEL_COLUMNS} for row in shapes.shapes_table(0, 2000, 8).to_pylist()]
+    trained = [shapes.sample_scene(0, index).caption for index in range(2000)]
+    ways = {shapes.caption(labels[0], "seen", np.random.default_rng(i)) for i in range(300)}
+    assert len(ways) > 100  # many ways of saying one scene
+    assert shapes.caption(labels[0]) == "a {} {} {} {} on a {} background".format(
+        labels[0]["size"], labels[0]["color"], labels[0]["shape"], shapes.POSITIONS[labels[0]["position"]][1], labels[0]["background"])
+    held_out = [shapes.held_out_caption(l, f"k{i}") for i, l in enumerate(labels)]
+    assert held_out == [shapes.held_out_caption(l, f"k{i}") for i, l in enumerate(labels)]  # a function of (seed, key)
+    assert not set(held_out) & set(trained)
+    # Word orders and phrasings no training caption has, each made of words training captions have.
+    words = lambda captions: {word.strip(",") for caption in captions for word in caption.split()}  # noqa: E731
+    assert words(held_out) <= words(trained)
+    for position, (_, phrase) in shapes.POSITION_PHRASES.items():
+        assert not any(phrase in caption for caption in trained), phrase
+        assert any(phrase in caption for caption in held_out), phrase
+    # The held-out word orders: "<where> there is ...", "<background>, a ...", "..., <color>, <where> ...".
+    assert not any(" there is " in c or c.startswith(("on a ", "against a ", "with a ")) for c in trained)
+    assert not any(f", {color}, " in c for c in trained for color in shapes.COLORS)
+    assert sum(" there is " in c for c in held_out) > len(held_out) / 5
 
 
 # ---------------------------------------------------------------- importer

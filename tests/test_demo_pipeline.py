@@ -30,6 +30,7 @@ def _write_config(tmp_path, **changes):
         "prior": {"config": os.path.join(CONFIGS, "prior-tiny-cpu.yaml"), "max_steps": 3},
         "decoder": {"config": os.path.join(CONFIGS, "decoder-tiny-cpu.yaml"), "max_steps": 3},
         "upsampler": {"config": os.path.join(CONFIGS, "upsampler-tiny-cpu.yaml"), "max_steps": 3},
+        "eval": {"count": 4, "steps": "2", "batch_size": 4},
         "serve": {"prompts": ["a large red circle at the top left on a white background"], "n": 2},
         **changes,
     }
@@ -102,6 +103,10 @@ def test_full_pipeline_returns_images_over_http_and_resumes(tmp_path, monkeypatc
         assert f"{job} step 3/3 (100%)" in text and f"log    {work / 'logs' / job}.log" in text
         assert re.search(rf"{job}: done in 0:\d\d:\d\d \| loss [\d.]+ \| val [\d.]+ \| bundle {work / 'bundles' / job}", text)
     assert "tensorboard --logdir" in text and "dalle2 serve --bundles" in text
+    # the quality check: the checker's accuracy per phrasing beside the targets, its reports kept
+    assert "== eval: dalle2 eval on 4 held-out rows per phrasing (dataset, held-out)" in text and "held-out phrasings" in text
+    assert re.search(r"shape +[\d.]+ +[\d.]+ +>= 0.80 (met|NOT MET)", text), text
+    assert (work / "eval" / "held-out" / "report.json").exists()
     logs = _logs(work)
     assert "pid=" in logs["decoder.log"] and "deepspeed" in logs["decoder.log"].lower()  # the workers' output, kept
     assert not any("Failed to query Ray Train Controller" in log or "Cleaning up placement group" in log for log in logs.values())

@@ -13,12 +13,13 @@ from PIL import Image, ImageFilter
 
 from dalle2.bundle import save_bundle
 from dalle2.cli import main as cli_main
+from dalle2.clip import tokenize
 from dalle2.clip_loss import ContrastiveLoss
 from dalle2.data import shapes, storage
 from dalle2.data.preprocess import in_validation, preprocess_batch, to_model_images
 from dalle2.data.schema import read_dataset
 from dalle2.eval import metrics
-from dalle2.eval.run import EvalSettings, Samplers, Steps, read_held_out, run_eval, stage_options
+from dalle2.eval.run import EvalSettings, Samplers, Steps, read_held_out, rephrase, run_eval, stage_options
 from dalle2.eval.shapes_checker import read_attributes
 from dalle2.factory import create_model
 
@@ -227,6 +228,20 @@ def test_eval_can_decode_from_the_images_own_embeddings(tmp_path, cascade, train
     assert report["generation"]["conditioning"] == "true_image_embeddings" and report["generation"]["images"] == 4
     with pytest.raises(ValueError, match="decode_from"):
         EvalSettings(bundles=cascade, data=train_shapes, decode_from="text")
+
+
+def test_eval_rewrites_the_captions_in_held_out_phrasings(tmp_path, cascade, train_shapes):
+    rows = read_held_out(train_shapes, count=6, validation_fraction=0.2, image_size=32, context_length=32)
+    plain, held_out = rephrase(rows, "plain", 32), rephrase(rows, "held-out", 32)
+    assert plain.captions == [shapes.caption(labels) for labels in rows.labels] and plain.keys == rows.keys
+    assert held_out.captions == [shapes.held_out_caption(labels, key) for key, labels in zip(rows.keys, rows.labels)]
+    assert torch.equal(held_out.tokens[0], tokenize([held_out.captions[0]], 32)[0]) and torch.equal(held_out.images, rows.images)
+    settings = EvalSettings(bundles=cascade, data=train_shapes, out=str(tmp_path / "out"), count=4, steps=Steps.parse("2"),
+                            validation_fraction=0.2, batch_size=4, phrasing="held-out")  # fmt: skip
+    report = run_eval(settings)
+    assert report["data"]["phrasing"] == "held-out" and report["generation"]["captions_in_samples"] == held_out.captions[:4]
+    with pytest.raises(ValueError, match="phrasing"):
+        EvalSettings(bundles=cascade, data=train_shapes, phrasing="poetic")
 
 
 def test_eval_scores_whatever_stages_exist(tmp_path, tiny_clip_bundle, train_shapes):

@@ -179,6 +179,27 @@ def test_concurrent_requests_share_forward_passes_and_keep_their_own_noise(serve
     assert len({np.asarray(image).tobytes() for image in alone}) == len(seeds)
 
 
+def test_bench_serve_compares_the_default_samplers_with_the_old_ones(serve_app):
+    from serve.bench_defaults import OLD_DEFAULTS, measure_defaults
+
+    forwards = []  # per request: diffusion stage -> network forwards it ran (Server-Timing)
+
+    def post(extra: dict):
+        response = _post(serve_app, "/v1/images/generations", json={"prompt": "a red circle", "size": "64x64", "response_format": "b64_json", **extra})
+        timings = _timings(response)
+        forwards.append({stage: timings[stage]["forwards"] for stage in ("prior", "decoder", "upsampler_64")})
+        return response
+
+    result = measure_defaults(2, post)
+    new = GenerationOptions()
+    new_forwards = {"prior": new.prior.steps, "decoder": new.decoder.steps, "upsampler_64": new.upsampler.steps}
+    old_forwards = {"prior": OLD_DEFAULTS["prior_steps"], "decoder": OLD_DEFAULTS["decoder_steps"], "upsampler_64": OLD_DEFAULTS["upsampler_steps"]}
+    # warm-ups (new, old), then the two kinds interleaved, each request with its own steps
+    assert forwards == [new_forwards, old_forwards] * 3
+    assert result["old_defaults"]["decoder"] == "ddim 25" and result["new_defaults"]["decoder"] == f"{new.decoder.sampler} {new.decoder.steps}"
+    assert result["requests_each"] == 2 and result["speedup_p50"] == result["old_p50_s"] / result["new_p50_s"] > 0
+
+
 def test_variations_of_any_image_shape(serve_app):
     square = _post(serve_app, "/v1/images/variations", files={"image": ("a.png", _png_file(_picture()), "image/png")},
                    data={"n": "2", "size": "64x64", **FAST_VARIATION})  # fmt: skip

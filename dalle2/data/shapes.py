@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import io
 import math
+import zlib
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -45,11 +47,76 @@ POSITIONS = {
     "bottom right": ((0.75, 0.75), "at the bottom right"),
 }
 SIZES = {"small": 0.16, "large": 0.32}  # diameter of the equal-area circle, as a fraction of the side
-CAPTION_TEMPLATES = (
-    "a {size} {color} {shape} {where} on a {background} background",
-    "{where}, a {size} {color} {shape} on a {background} background",
-    "a {background} background with a {size} {color} {shape} {where}",
+# Prompts as people write them (issue 22): every attribute has several phrasings, and captions
+# several word orders. The first form of each is the plain caption ("a small red circle at the top
+# left on a white background": the demo's prompts). Some phrasings never appear in training (HELD_OUT
+# below) although every word in them does: only the order or the combination is new, so
+# `dalle2 eval --phrasing held-out` asks whether the models read a caption or memorised its forms.
+SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
+ARTICLES = ("a", "one")
+BACKGROUND_WORDS = {"white": ("white",), "black": ("black",), "gray": ("gray", "grey")}
+BACKGROUND_PHRASES = ("on a {} background", "against a {} background", "with a {} background", "on {}")
+BACKGROUND_NOUNS = ("a {} background", "a plain {} background")  # "a white background with ..."
+
+
+def _position_phrases(position: str) -> tuple[tuple[str, ...], str]:
+    """(seen phrasings, the held-out one) of a named position; the first seen is the plain one."""
+    words = position.split()
+    if len(words) == 2:  # a corner: "top left"
+        vertical, horizontal = words
+        upper = {"top": "upper", "bottom": "lower"}[vertical]
+        seen = (f"at the {position}", f"in the {position} corner", f"in the {upper} {horizontal}")
+        return seen, f"in the {upper} {horizontal} corner"
+    if position in ("top", "bottom"):
+        return (f"at the {position}", f"near the {position}", f"along the {position} edge"), f"at the {position} edge"
+    if position in ("left", "right"):
+        return (f"on the {position}", f"on the {position} side", f"at the {position} edge"), f"near the {position}"
+    return ("in the center", "in the middle", "at the center"), "at the middle"
+
+
+POSITION_PHRASES = {position: _position_phrases(position) for position in POSITIONS}
+SEEN_TEMPLATES = (
+    "{a} {size} {color} {shape} {where} {background}",
+    "{where}, {a} {size} {color} {shape} {background}",
+    "{background_noun} with {a} {size} {color} {shape} {where}",
+    "{size} {color} {shape} {where} {background}",
+    "there is {a} {size} {color} {shape} {where} {background}",
+    "{a} {size} {shape} in {color} {where} {background}",
 )
+HELD_OUT_TEMPLATES = (
+    "{background}, {a} {size} {color} {shape} {where}",
+    "{where} there is {a} {size} {color} {shape} {background}",
+    "{a} {size} {shape}, {color}, {where} {background}",
+)
+PHRASINGS = ("dataset", "plain", "held-out")  # `dalle2 eval --phrasing`: the rows' own captions, or rewritten
+
+
+def caption(labels: dict[str, str], phrasing: str = "plain", rng: Optional[np.random.Generator] = None) -> str:
+    """A caption stating every label. ``plain``: the first form of each; ``seen``: a random
+    training phrasing; ``held-out``: a held-out word order, with the held-out phrasing of the
+    position half the time (never in training)."""
+    if phrasing == "plain":
+        pick = lambda options: options[0]  # noqa: E731
+    elif phrasing in ("seen", "held-out") and rng is not None:
+        pick = lambda options: options[rng.integers(len(options))]  # noqa: E731
+    else:
+        raise ValueError(f"phrasing must be plain, seen or held-out (seen and held-out need an rng), got {phrasing!r}")
+    seen_where, held_out_where = POSITION_PHRASES[labels["position"]]
+    held_out = phrasing == "held-out"
+    where = held_out_where if held_out and rng.random() < 0.5 else pick(seen_where)
+    background = pick(BACKGROUND_WORDS[labels["background"]])
+    template = pick(HELD_OUT_TEMPLATES if held_out else SEEN_TEMPLATES)
+    return template.format(
+        a=pick(ARTICLES), size=pick(SIZE_WORDS[labels["size"]]), color=labels["color"], shape=labels["shape"], where=where,
+        background=pick(BACKGROUND_PHRASES).format(background), background_noun=pick(BACKGROUND_NOUNS).format(background),
+    )  # fmt: skip
+
+
+def held_out_caption(labels: dict[str, str], key: str, seed: int = 0) -> str:
+    """The held-out phrasing of a row's labels, a function of (seed, key) only."""
+    return caption(labels, "held-out", np.random.default_rng([seed, zlib.crc32(key.encode())]))
+
+
 LABEL_COLUMNS = ("shape", "color", "size", "position", "background")
 SHAPES_SCHEMA = with_extra_columns([pa.field(name, pa.string()) for name in LABEL_COLUMNS])
 
@@ -78,12 +145,13 @@ def sample_scene(seed: int, index: int) -> Scene:
     size = list(SIZES)[rng.integers(len(SIZES))]
     position = list(POSITIONS)[rng.integers(len(POSITIONS))]
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
-    template = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))]
-    (x, y), where = POSITIONS[position]
+    (x, y), _ = POSITIONS[position]
     dx, dy = rng.uniform(-POSITION_JITTER, POSITION_JITTER, size=2)
     scale = rng.uniform(1 - SIZE_JITTER, 1 + SIZE_JITTER)
-    caption = template.format(size=size, color=color, shape=shape, where=where, background=background)
-    return Scene(shape, color, size, position, background, caption, (x + dx, y + dy), SIZES[size] * scale)
+    labels = {"shape": shape, "color": color, "size": size, "position": position, "background": background}
+    # The phrasing's own stream: the scenes (and so the images) do not depend on how they are said.
+    text = caption(labels, "seen", np.random.default_rng([seed, index, 1]))
+    return Scene(shape, color, size, position, background, text, (x + dx, y + dy), SIZES[size] * scale)
 
 
 def _polygon(scene: Scene, side: float) -> list[tuple[float, float]] | None:

@@ -2,7 +2,7 @@
 
     dalle2 eval --bundles DIR --data URI [--out DIR] [--count N] [--steps N|prior=N,decoder=N,upsampler=N]
                 [--sampler NAME|prior=NAME,decoder=NAME,upsampler=NAME]
-                [--seed S] [--validation-fraction F] [--decode-from prior|image] [--free-upsampling] [--json]
+                [--seed S] [--validation-fraction F] [--phrasing dataset|plain|held-out] [--decode-from prior|image] [--free-upsampling] [--json]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         samplers=Samplers.parse(args.sampler), seed=args.seed, validation_fraction=args.validation_fraction, split=args.split, prior_guidance=args.prior_guidance,
         decoder_guidance=args.decoder_guidance, batch_size=args.batch_size, device=args.device,
         decode_from=args.decode_from, low_res_consistency=not args.free_upsampling,
-        precision=None if args.precision == "auto" else args.precision,
+        precision=None if args.precision == "auto" else args.precision, phrasing=args.phrasing,
     )  # fmt: skip
     progress = None if args.quiet else (lambda message: print(f"  {message}", file=sys.stderr, flush=True))
     if args.quiet:
@@ -51,6 +51,11 @@ def add_eval_commands(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--split", choices=("validation", "train"), default="validation",
         help="score the held-out rows (default) or training rows, to tell generalisation from memorisation",
+    )  # fmt: skip
+    parser.add_argument(
+        "--phrasing", choices=("dataset", "plain", "held-out"), default="dataset",
+        help="captions: the rows' own (default), or rewritten from the shapes dataset's labels: plain "
+        "('a small red circle at the top left on a white background') or in word orders and phrasings no training row uses",
     )  # fmt: skip
     parser.add_argument("--prior-guidance", type=float, default=1.0)
     parser.add_argument(

@@ -34,11 +34,11 @@ import torch
 
 from dalle2.bundle import Bundle
 from dalle2.cascade import UnCLIP, decode, load_bundles, sample_image_embeds, upsample
-from dalle2.clip import Clip, TextEncoding
+from dalle2.clip import Clip, TextEncoding, tokenize
 from dalle2.data import storage
 from dalle2.data.preprocess import decode_image, preprocess_batch, to_model_images
 from dalle2.data.schema import TRAINING_COLUMNS, check_columns, dataset_files, read_schema
-from dalle2.data.shapes import LABEL_COLUMNS
+from dalle2.data.shapes import LABEL_COLUMNS, PHRASINGS, caption, held_out_caption
 from dalle2.eval import metrics
 from dalle2.eval.shapes_checker import read_attributes
 from dalle2.eval.stage_options import Samplers, Steps, stage_options
@@ -83,6 +83,9 @@ class EvalSettings:
     decode_from: str = "prior"
     low_res_consistency: bool = True  # the pipeline's default (dalle2.cascade.upsample)
     precision: Optional[str] = None  # the networks' precision (dalle2.precision); None = bf16 on CUDA, fp32 on CPU
+    # The captions: the rows' own ("dataset"), or rewritten from the shapes dataset's labels in
+    # its plain form or in phrasings no training row uses ("held-out"; dalle2.data.shapes).
+    phrasing: str = "dataset"
 
     def __post_init__(self) -> None:
         if self.count < 2 or self.batch_size < 1:
@@ -93,6 +96,8 @@ class EvalSettings:
             raise ValueError(f"split must be validation or train, got {self.split!r}")
         if self.decode_from not in ("prior", "image"):
             raise ValueError(f"decode_from must be prior or image, got {self.decode_from!r}")
+        if self.phrasing not in PHRASINGS:
+            raise ValueError(f"phrasing must be one of {', '.join(PHRASINGS)}, got {self.phrasing!r}")
         resolve_precision(self.precision, self.device)  # raises on an unknown name
 
 
@@ -154,6 +159,16 @@ def read_held_out(
         keys, captions, encoded, torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(tokens)),
         labels if label_columns else None,
     )  # fmt: skip
+
+
+def rephrase(rows: HeldOut, phrasing: str, context_length: int, seed: int = 0) -> HeldOut:
+    """The rows with their captions said another way (see EvalSettings.phrasing); the images stay."""
+    if phrasing == "dataset":
+        return rows
+    if rows.labels is None:
+        raise ValueError(f"phrasing {phrasing!r} rewrites captions from the shapes dataset's label columns; these rows have none")
+    captions = [caption(labels) if phrasing == "plain" else held_out_caption(labels, key, seed) for key, labels in zip(rows.keys, rows.labels)]
+    return dataclasses.replace(rows, captions=captions, tokens=tokenize(captions, context_length))
 
 
 def decode_at(rows: HeldOut, size: int) -> torch.Tensor:
@@ -267,8 +282,9 @@ def _run_eval(settings: EvalSettings, progress: Optional[Progress]) -> dict[str,
     rows = read_held_out(
         settings.data, settings.count, settings.validation_fraction, clip.config.image_size, clip.config.context_length, settings.split
     )
+    rows = rephrase(rows, settings.phrasing, clip.config.context_length, settings.seed)
     now = lap("read_data", now)
-    progress(f"{len(rows)} held-out rows from {settings.data}")
+    progress(f"{len(rows)} held-out rows from {settings.data}, {settings.phrasing} phrasing")
 
     # CLIP: does each caption find its image among the held-out images, and back?
     image_embeds = encode_images(clip, to_model_images(rows.images), settings.batch_size)
@@ -285,7 +301,7 @@ def _run_eval(settings: EvalSettings, progress: Optional[Progress]) -> dict[str,
         "bundles": [{"kind": b.kind, "metadata": b.metadata} for b in stages],
         "data": {
             "uri": settings.data, "held_out_rows": len(rows), "validation_fraction": settings.validation_fraction, "split": settings.split,
-            "label_columns": list(rows.labels[0]) if rows.labels else [],
+            "phrasing": settings.phrasing, "label_columns": list(rows.labels[0]) if rows.labels else [],
         },
         "clip": metrics.retrieval(image_embeds, text.embed, label_tuples),
         "prior": None,
@@ -357,7 +373,8 @@ def summary(report: dict[str, Any]) -> str:
     """A few lines for people; report.json has everything."""
     data, clip = report["data"], report["clip"]
     lines = [
-        f"{data['split']} rows: {data['held_out_rows']} (validation fraction {data['validation_fraction']}) from {data['uri']}",
+        f"{data['split']} rows: {data['held_out_rows']} (validation fraction {data['validation_fraction']}) from {data['uri']}, "
+        f"{data.get('phrasing', 'dataset')} phrasing",
         f"clip retrieval: text->image top1 {clip['text_to_image_top1']:.3f} top5 {clip['text_to_image_top5']:.3f}, "
         f"image->text top1 {clip['image_to_text_top1']:.3f} top5 {clip['image_to_text_top5']:.3f} (chance top1 {clip['chance_top1']:.3f})",
     ]
