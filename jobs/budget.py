@@ -23,23 +23,26 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
-# The reference: the 2-core AVX-512 CPU machine of the README's demo run. `job` is a stage's
-# wall time there divided by its steps (Ray Train start, data, validation, checkpoints and export
-# included: CLIP 356 s / 1,200, prior 127 s / 600, decoder 1,073 s / 1,600, upsampler 102 s / 250);
-# `bare` is dalle2.train.step_timing.bare_step_seconds of the same job config on the same kind of
-# machine (fastest of 5 steps, 1 thread). On another machine a stage's job seconds per step are
-# estimated as job * (bare measured there / bare here).
+# The reference: the 2-core AVX-512 CPU machine of the README's demo run. A stage's wall time there
+# is `fixed` + steps x `step`: `fixed` is what does not grow with the steps (Ray Train's start, the
+# workers' DeepSpeed and data set-up, the last validation, sample grid and checkpoint, the export),
+# `step` the loop's seconds per step with its periodic validation and checkpoints (their cadence
+# follows the steps: loop_overrides). Both from the run's metrics.csv (`elapsed_s` at the last
+# step) against the stage's wall time. `bare` is dalle2.train.step_timing.bare_step_seconds of the
+# same job config on the same machine (fastest of 5 steps, 1 thread). On another machine a stage's
+# times are the reference's x (bare measured there / bare here).
 @dataclass(frozen=True)
 class Reference:
-    job: float
+    step: float
+    fixed: float
     bare: float
 
 
 REFERENCE = {
-    "clip": Reference(job=356 / 1200, bare=0.193),
-    "prior": Reference(job=127 / 600, bare=0.073),
-    "decoder": Reference(job=1073 / 1600, bare=0.603),
-    "upsampler": Reference(job=102 / 250, bare=0.130),
+    "clip": Reference(step=356 / 1200, fixed=0.0, bare=0.193),
+    "prior": Reference(step=127 / 600, fixed=0.0, bare=0.073),
+    "decoder": Reference(step=1073 / 1600, fixed=0.0, bare=0.603),
+    "upsampler": Reference(step=102 / 250, fixed=0.0, bare=0.130),
 }
 EMBED_REFERENCE_S = 48.0  # the embed stage there (8,192 rows); it runs CLIP, so it scales like the clip stage
 
@@ -51,16 +54,17 @@ class StagePlan:
     floor: int  # fewest steps that still meet the quality targets (min_steps)
     planned: int
     seconds_per_step: float  # estimated for the full job on this machine
+    fixed_s: float = 0.0  # estimated: the job's start, last validation, checkpoint and export
 
     @property
     def seconds(self) -> float:
-        return self.planned * self.seconds_per_step
+        return self.fixed_s + self.planned * self.seconds_per_step
 
 
 @dataclass(frozen=True)
 class BudgetPlan:
     budget_s: float
-    fixed_s: float  # time in the budget that no cut shortens (the embed stage)
+    fixed_s: float  # time in the budget outside the training stages (the embed stage)
     stages: tuple[StagePlan, ...]
     fits: bool
     explanation: str
@@ -74,8 +78,9 @@ class BudgetPlan:
 
 
 def plan_steps(budget_s: float, seconds_per_step: Mapping[str, float], configured: Mapping[str, int],
-               floors: Mapping[str, int], fixed_s: float = 0.0) -> BudgetPlan:  # fmt: skip
-    """Steps per stage so that ``fixed_s`` + sum(steps x seconds per step) fits ``budget_s``.
+               floors: Mapping[str, int], fixed_s: float = 0.0, stage_fixed_s: Optional[Mapping[str, float]] = None) -> BudgetPlan:  # fmt: skip
+    """Steps per stage so that ``fixed_s`` + each stage's ``stage_fixed_s`` + sum(steps x seconds
+    per step) fits ``budget_s``.
 
     No cut when the configured steps fit. Otherwise each stage keeps its floor and the same
     fraction of its steps above the floor, the largest fraction that fits (so no stage's quality
@@ -85,15 +90,18 @@ def plan_steps(budget_s: float, seconds_per_step: Mapping[str, float], configure
         raise ValueError(f"the budget must be > 0 seconds, got {budget_s}")
     names = list(configured)
     floor = {name: min(floors.get(name, configured[name]), configured[name]) for name in names}
+    stage_fixed = {name: (stage_fixed_s or {}).get(name, 0.0) for name in names}
 
     def make(planned: Mapping[str, int], fits: bool, explanation: str) -> BudgetPlan:
-        stages = tuple(StagePlan(name, configured[name], floor[name], planned[name], seconds_per_step[name]) for name in names)
+        stages = tuple(StagePlan(name, configured[name], floor[name], planned[name], seconds_per_step[name], stage_fixed[name])
+                       for name in names)  # fmt: skip
         return BudgetPlan(budget_s, fixed_s, stages, fits, explanation)
 
-    full_s = fixed_s + sum(seconds_per_step[name] * configured[name] for name in names)
+    unshortened_s = fixed_s + sum(stage_fixed.values())  # what no cut shortens
+    full_s = unshortened_s + sum(seconds_per_step[name] * configured[name] for name in names)
     if full_s <= budget_s:
         return make(configured, True, f"the configured steps fit: about {_minutes(full_s)} of the {_minutes(budget_s)} budget, nothing cut")
-    least_s = fixed_s + sum(seconds_per_step[name] * floor[name] for name in names)
+    least_s = unshortened_s + sum(seconds_per_step[name] * floor[name] for name in names)
     if least_s > budget_s:
         return make(floor, False,
                     f"this machine is too slow for the {_minutes(budget_s)} budget: even the floors ({_steps(floor)}) need about "
@@ -123,22 +131,26 @@ def loop_overrides(loop, planned: int) -> dict:
     return {"max_steps": planned, "val_every": cadence(loop.val_every), "checkpoint_every": cadence(loop.checkpoint_every)}
 
 
-def estimate_seconds_per_step(stage: str, bare_s: float) -> float:
-    """The full job's seconds per step on this machine from its bare step here."""
+def estimate_stage(stage: str, bare_s: float) -> tuple[float, float]:
+    """(seconds per step, fixed seconds) of the full job on this machine from its bare step here."""
     reference = REFERENCE[stage]
-    return reference.job * bare_s / reference.bare
+    speed = bare_s / reference.bare
+    return reference.step * speed, reference.fixed * speed
 
 
 class Budget:
     """The plan of one pipeline run, made again before each stage, and the actual times."""
 
     def __init__(self, budget_s: float, seconds_per_step: Mapping[str, float], configured: Mapping[str, int],
-                 floors: Mapping[str, int], embed_s: float = 0.0):  # fmt: skip
+                 floors: Mapping[str, int], embed_s: float = 0.0, stage_fixed_s: Optional[Mapping[str, float]] = None,
+                 bare_s: Optional[Mapping[str, float]] = None):  # fmt: skip
         self.budget_s = budget_s
         self.rates = dict(seconds_per_step)
+        self.stage_fixed = dict(stage_fixed_s or {})
+        self.bare = dict(bare_s or {})  # the timed warm-up's seconds per bare step, for the record
         self.configured, self.floors = dict(configured), dict(floors)
         self.embed_s = embed_s  # estimated; 0 when the embed stage is done or absent
-        self.first = plan_steps(budget_s, self.rates, self.configured, self.floors, embed_s)
+        self.first = plan_steps(budget_s, self.rates, self.configured, self.floors, embed_s, self.stage_fixed)
         self.planned = {plan.stage: plan.planned for plan in self.first.stages}  # what each stage was given
         self.estimated = {plan.stage: plan.seconds for plan in self.first.stages} | ({"embed": embed_s} if embed_s else {})
         self.actual: dict[str, tuple[float, int]] = {}  # stage -> (seconds, steps)
@@ -164,13 +176,14 @@ class Budget:
             slowdown = self.slowdown
             fixed = self.embed_s * slowdown if "embed" not in self.actual else 0.0
             rates = {name: self.rates[name] * slowdown for name in left}
+            stage_fixed = {name: self.stage_fixed.get(name, 0.0) * slowdown for name in left}
             remaining = max(self.budget_s - self.spent_s, 1.0)
-            plan = plan_steps(remaining, rates, {name: self.configured[name] for name in left}, self.floors, fixed)
+            plan = plan_steps(remaining, rates, {name: self.configured[name] for name in left}, self.floors, fixed, stage_fixed)
             steps = plan.steps(stage)
             if steps != self.planned[stage]:
                 say(f"budget: {stage} {self.planned[stage]} -> {steps} steps (the stages so far took {slowdown:.2f}x their "
                     f"estimate; {_minutes(remaining)} left): {plan.explanation}")  # fmt: skip
-                self.estimated[stage] = steps * rates[stage]
+                self.estimated[stage] = stage_fixed[stage] + steps * rates[stage]
             self.planned[stage] = steps
         return self.planned[stage]
 
@@ -183,7 +196,9 @@ class Budget:
             lines.append(f"   embed      about {_minutes(self.embed_s)}")
         for plan in self.first.stages:
             cut = f" (configured {plan.configured}, floor {plan.floor})" if plan.planned < plan.configured else ""
-            lines.append(f"   {plan.stage:<10} {plan.planned} steps{cut}, about {_minutes(plan.seconds)} at {plan.seconds_per_step:.2f} s/step")
+            bare = f", bare step {self.bare[plan.stage]:.3f} s" if plan.stage in self.bare else ""
+            lines.append(f"   {plan.stage:<10} {plan.planned} steps{cut}, about {_minutes(plan.seconds)} "
+                         f"({_minutes(plan.fixed_s)} + {plan.seconds_per_step:.2f} s/step{bare})")  # fmt: skip
         lines.append(f"   expected   {_minutes(self.first.expected_s)} in all")
         if self.first.fits and all(plan.planned == plan.configured for plan in self.first.stages) and self.floors:
             lines.append(f"   if slower  each stage's steps are cut toward its floor ({_steps(self.floors)}), re-planned before each stage")
@@ -211,13 +226,15 @@ def measure_budget(budget_s: float, jobs: Mapping[str, object], floors: Mapping[
 
         time_step = functools.partial(bare_step_seconds, steps=5)  # about 10 s for the demo's four stages
     bare = {stage: time_step(job) for stage, job in jobs.items()}
-    rates = {stage: estimate_seconds_per_step(stage, seconds) for stage, seconds in bare.items()}
+    estimates = {stage: estimate_stage(stage, seconds) for stage, seconds in bare.items()}
+    rates = {stage: rate for stage, (rate, _) in estimates.items()}
     # The embed stage runs CLIP's forward: it scales like the clip stage (the reference's speed
     # when CLIP is not trained here, e.g. a resumed run).
     clip_speed = bare["clip"] / REFERENCE["clip"].bare if "clip" in bare else 1.0
     embed_s = EMBED_REFERENCE_S * clip_speed if embed_pending else 0.0
     configured = {stage: job.loop.max_steps for stage, job in jobs.items()}
-    return Budget(budget_s, rates, configured, {stage: floors[stage] for stage in jobs if stage in floors}, embed_s)
+    return Budget(budget_s, rates, configured, {stage: floors[stage] for stage in jobs if stage in floors}, embed_s,
+                  {stage: fixed for stage, (_, fixed) in estimates.items()}, bare)  # fmt: skip
 
 
 def _minutes(seconds: float) -> str:

@@ -11,7 +11,8 @@ from jobs.budget import REFERENCE, Budget, loop_overrides, measure_budget, plan_
 
 CONFIGURED = {"clip": 1200, "prior": 600, "decoder": 1600, "upsampler": 250}
 FLOORS = {"clip": 800, "prior": 400, "decoder": 1200, "upsampler": 150}
-REFERENCE_RATES = {stage: ref.job for stage, ref in REFERENCE.items()}  # the README machine: 28.4 min in all
+# seconds per step of a machine whose configured steps take 28.4 min (the README's earlier demo run)
+REFERENCE_RATES = {"clip": 356 / 1200, "prior": 127 / 600, "decoder": 1073 / 1600, "upsampler": 102 / 250}
 DEMO = os.path.join(os.path.dirname(__file__), "..", "jobs", "configs", "demo-tiny-cpu.yaml")
 
 
@@ -36,6 +37,14 @@ def test_a_machine_3x_slower_is_cut_to_fit_the_budget_above_the_floors():
     shares = [(s.planned - s.floor) / (s.configured - s.floor) for s in plan.stages]
     assert max(shares) - min(shares) < 0.02
     assert "decoder 1600 -> " in plan.explanation
+
+
+def test_each_stages_fixed_time_is_planned_and_never_cut():
+    fixed = {"clip": 60.0, "prior": 40.0, "decoder": 70.0, "upsampler": 30.0}  # start-up, last checkpoint, export
+    plan = plan_steps(30 * 60, REFERENCE_RATES, CONFIGURED, FLOORS, fixed_s=48, stage_fixed_s=fixed)
+    assert plan.expected_s <= 30 * 60 < 48 + 200 + 356 + 127 + 1073 + 102  # without the cut it would not fit
+    assert plan.expected_s == pytest.approx(48 + sum(s.fixed_s + s.planned * s.seconds_per_step for s in plan.stages))
+    assert [s.fixed_s for s in plan.stages] == list(fixed.values()) and plan.steps("decoder") < 1600
 
 
 def test_an_impossible_budget_trains_at_the_floors_and_says_how_long():
@@ -89,9 +98,10 @@ def test_measure_budget_scales_the_warm_up_by_the_reference_ratio():
 
     jobs = {"prior": load_job_config("prior", os.path.join(os.path.dirname(DEMO), "prior-tiny-cpu.yaml"), {"data": {"path": "x"}})}
     budget = measure_budget(10 * 60, jobs, {"prior": 400}, embed_pending=True, time_step=lambda job: 2 * REFERENCE["prior"].bare)
-    assert budget.rates["prior"] == pytest.approx(2 * REFERENCE["prior"].job)  # 0.42 s per step
+    assert budget.rates["prior"] == pytest.approx(2 * REFERENCE["prior"].step)  # twice the reference's times
+    assert budget.stage_fixed["prior"] == pytest.approx(2 * REFERENCE["prior"].fixed)
     assert budget.embed_s == 48  # CLIP not timed: the reference's embed time
-    assert budget.first.steps("prior") == int((600 - 48) / budget.rates["prior"])  # the YAML's 2,000 steps need 14 min
+    assert budget.first.steps("prior") == int((600 - 48 - budget.stage_fixed["prior"]) / budget.rates["prior"])  # the YAML's 2,000 steps do not fit
 
 
 def test_the_warm_up_times_a_real_training_step():
