@@ -296,3 +296,25 @@ def test_eval_tells_a_trained_clip_from_an_untrained_one(tmp_path):
         scores[name] = (report["clip"]["text_to_image_top5"] + report["clip"]["image_to_text_top5"]) / 2
     # Measured: trained ~0.49, untrained ~0.05 (chance 5/64 = 0.08).
     assert scores["trained"] >= 0.3 and scores["trained"] >= 3 * scores["untrained"], scores
+
+
+def test_sweep_scores_each_setting_and_calls_equal_what_is_within_the_noise(tmp_path, cascade, train_shapes):
+    from dalle2.eval import sweep
+
+    out = tmp_path / "sweep"
+    argv = ["--bundles", cascade, "--data", train_shapes, "--out", str(out), "--count", "4", "--batch-size", "4",
+            "--setting", "ddim:2,3,2", "--setting", "dpmpp_2m:2,2,2", "--seeds", "0", "1"]  # fmt: skip
+    assert sweep.main(argv) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    rows = result["rows"]
+    assert [(r["sampler"], r["seed"], r["baseline"], r["evaluations"]) for r in rows] == [
+        ("ddim", 0, True, 5), ("ddim", 1, True, 5), ("dpmpp_2m", 0, False, 4)]  # the baseline with each seed
+    assert all(isinstance(r["equal"], bool) for r in rows) and result["noise"]["noise"] > 0
+    assert "within noise" in (out / "sweep.md").read_text() and Image.open(out / "sweep.png").size == (900, 360)
+    # the rule: 2 noise units below the baseline's mean is still equal, more is not
+    synthetic = [{"all_three_right": 0.80, "baseline": True}, {"all_three_right": 0.84, "baseline": True},
+                 {"all_three_right": 0.77, "baseline": False}, {"all_three_right": 0.70, "baseline": False}]  # fmt: skip
+    noise = sweep.mark_noise(synthetic, count=400)
+    assert noise["seed_std"] == pytest.approx(0.0283, abs=1e-4) and noise["binomial_se"] == pytest.approx(0.0192, abs=1e-4)
+    assert noise["noise"] == noise["seed_std"]  # the larger of the two
+    assert [r["equal"] for r in synthetic] == [True, True, True, False]  # 0.82 - 0.77 <= 2 x 0.0283 < 0.82 - 0.70

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from typing import Any, Optional, Sequence
 
@@ -49,6 +50,26 @@ def scores(report: dict[str, Any]) -> dict[str, Optional[float]]:
         "prior_cosine": report["prior"]["cosine"] if report["prior"] else None,
         "seconds": report["wall_time_s"].get("generate", 0.0) + report["wall_time_s"].get("prior", 0.0),
     }
+
+
+def mark_noise(rows: list[dict[str, Any]], count: int) -> dict[str, float]:
+    """Mark each row ``equal`` when its all-three-right rate is no more than 2 noise units below the
+    baseline's mean, and return the baseline's mean and noise. The noise is the larger of the
+    baseline seeds' standard deviation (sampling noise, measured) and the binomial standard error
+    of a rate on ``count`` captions (the few seeds can understate it); the difference of two
+    independent such rates has sqrt(2) of it, so 2 units is about a 1.4-sigma bound: a setting
+    called equal is not measurably worse at this count."""
+    import statistics
+
+    baseline = [r["all_three_right"] for r in rows if r["baseline"] and r["all_three_right"] is not None]
+    if not baseline:
+        return {}
+    mean = statistics.fmean(baseline)
+    spread = statistics.stdev(baseline) if len(baseline) > 1 else 0.0
+    noise = max(spread, math.sqrt(max(mean * (1 - mean), 1e-6) / count))
+    for r in rows:
+        r["equal"] = r["all_three_right"] is not None and mean - r["all_three_right"] <= 2 * noise
+    return {"baseline_mean": mean, "seed_std": spread, "binomial_se": math.sqrt(max(mean * (1 - mean), 1e-6) / count), "noise": noise}
 
 
 def plot(rows: list[dict[str, Any]], path: str) -> None:
@@ -116,18 +137,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    "evaluations": evaluations(steps, stages), **scores(report)}  # fmt: skip
             rows.append(row)
             print(json.dumps(row), flush=True)
-    storage.write_bytes(storage.join(args.out, "sweep.json"), json.dumps(rows, indent=2).encode())
+    noise = mark_noise(rows, args.count)
+    storage.write_bytes(storage.join(args.out, "sweep.json"), json.dumps({"rows": rows, "noise": noise}, indent=2).encode())
     lines = [
-        "| sampler | steps (prior, decoder, upsampler) | seed | evaluations / image | all three right | CLIP score | CLIP-feature FID | prior cosine | s |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| sampler | steps (prior, decoder, upsampler) | seed | evaluations / image | all three right | CLIP score | CLIP-feature FID | prior cosine | s | within noise |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
         shown = {k: ("" if r[k] is None else f"{r[k]:.{digits}f}") for k, digits in
                  (("all_three_right", 3), ("clip_score", 3), ("clip_fid", 4), ("prior_cosine", 4))}  # fmt: skip
         lines.append(
             f"| {r['sampler']} | {', '.join(map(str, r['steps']))} | {r['seed']} | {r['evaluations']} | {shown['all_three_right']} | "
-            f"{shown['clip_score']} | {shown['clip_fid']} | {shown['prior_cosine']} | {r['seconds']:.0f} |"
+            f"{shown['clip_score']} | {shown['clip_fid']} | {shown['prior_cosine']} | {r['seconds']:.0f} | "
+            f"{'yes' if r.get('equal') else 'no' if 'equal' in r else ''} |"
         )
+    if noise:
+        lines.append(f"\nBaseline all-three-right {noise['baseline_mean']:.3f}; noise {noise['noise']:.3f} (seed std {noise['seed_std']:.3f}, "
+                     f"binomial SE at {args.count} captions {noise['binomial_se']:.3f}); equal = at most 2 noise units below the baseline.")
     storage.write_bytes(storage.join(args.out, "sweep.md"), ("\n".join(lines) + "\n").encode())
     plot(rows, os.path.join(args.out, "sweep.png"))
     print("\n".join(lines))
