@@ -265,7 +265,7 @@ def plan_budget(config: PipelineConfig, minutes: float) -> Budget:
 def stage_train(config: PipelineConfig, job: str, spec: StageSpec, budget: Optional[Budget] = None) -> str:
     """Train one model (resuming its run) and export its bundle; returns the bundle URI. With a
     ``budget``, the stage runs the steps the budget gives it (its ``max_steps`` lowered)."""
-    from dalle2.train.checkpoint import export_run
+    from dalle2.train.export import export_run
     from dalle2.train.launch import run_job
 
     if job == "clip" and spec.bundle:

@@ -4,26 +4,32 @@ Each job trains a few steps and its loss goes down (the prior from images and fr
 ``dalle2 data embed``, the decoder from those rows, with no CLIP on the workers); a run resumes by name where it stopped
 (steps, data position, LR schedule); a worker that fails once is replaced and the run still
 reaches its step count; a ZeRO-3 run exports to a bundle whose outputs equal the engine's;
-data and runs can both live in s3:// (the SeaweedFS fixture).
+data and runs can both live in s3:// (the SeaweedFS fixture), and an export from s3:// fetches only
+the files it reads (no optimizer state for the EMA) and gets the whole checkpoint's weights.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sys
 
+import pyarrow.fs as pafs
 import pytest
 import torch
 from PIL import Image
 from ray import cloudpickle
+from safetensors.torch import load_file, save_file
 
 from dalle2.bundle import load_bundle
 from dalle2.clip import tokenize
 from dalle2.data import storage
 from dalle2.data.embed import EmbedConfig, embed_dataset
 from dalle2.data.shapes import write_shapes_dataset
-from dalle2.train.checkpoint import export_run, read_data_position, read_train_state
+from dalle2.train.checkpoint import check_complete, local_copy, local_files, read_data_position, read_train_state
 from dalle2.train.config import deep_merge, load_job_config
+from dalle2.train.export import _model_shapes, consolidated_weights, ema_weights, export_copy, export_run, trained_state
 from dalle2.train.launch import run_job
 from dalle2.train.loop import TrainHooks
 from dalle2.train.progress import read_metrics
@@ -56,6 +62,39 @@ def tiny_job(job: str, data_path: str, storage_uri: str, name: str, **sections):
 
 def losses(run_uri: str) -> list[float]:
     return [float(row["loss"]) for row in read_metrics(storage.join(run_uri, "metrics.csv"))]
+
+
+def check_partial_export(checkpoint: str, weights: str, ema_gap: bool = False) -> dict[str, torch.Tensor]:
+    """Exports ``weights`` of an s3:// checkpoint the way `dalle2 export` fetches it (only the files
+    it reads) and checks that the state is, tensor for tensor, that of the whole checkpoint copied
+    and consolidated (the fp32 master weights, the EMA over them), which it returns. ``ema_gap``:
+    the EMA lacks parameters, so the EMA's export must fetch the master weights too."""
+    files = check_complete(checkpoint)["files"]
+    lines: list[str] = []
+    with export_copy(checkpoint, weights, log=lines.append) as folder:
+        fetched = local_files(folder)
+        state = trained_state(folder, weights)
+    with local_copy(checkpoint) as whole:  # every file of every rank
+        expected = consolidated_weights(whole)
+        if weights == "ema":
+            expected.update(ema_weights(whole))
+    assert state.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert state[name].dtype == tensor.dtype and torch.equal(state[name], tensor), name
+
+    optimizer = {name for name in files if name.endswith("_optim_states.pt")}
+    ema_slices = {name for name in files if name.startswith("ema/rank-")}
+    assert optimizer and ema_slices and set(fetched) <= set(files) | {"manifest.json"}, sorted(files)
+    if weights == "ema" and not ema_gap:  # the EMA covers every parameter: no optimizer state fetched
+        assert not optimizer & set(fetched) and ema_slices <= set(fetched), sorted(fetched)
+    elif weights == "ema":
+        assert optimizer <= set(fetched) and ema_slices <= set(fetched), sorted(fetched)
+        assert lines.pop(0).startswith("export: the EMA has no average of 1 weights"), lines
+    else:  # what zero_to_fp32 reads, not the EMA or the data positions
+        assert optimizer <= set(fetched) and not {name for name in fetched if name.startswith(("ema/rank-", "data/"))}, sorted(fetched)
+    assert len(lines) == 1 and lines[0].startswith(f"export ({weights}) fetched {len(fetched)} files"), lines
+    print(f"\n{lines[0]}; {sum(fetched.values())} of {sum(files.values())} bytes")
+    return expected
 
 
 class FailOnce(TrainHooks):
@@ -151,7 +190,7 @@ def shapes_embeddings(ray_cluster, train_shapes, tiny_clip_bundle, tmp_path_fact
     return embeddings
 
 
-def test_prior_zero3_from_embeddings_exports_a_bundle_with_the_engines_outputs(ray_cluster, shapes_embeddings, tiny_clip_bundle, tmp_path):
+def test_prior_zero3_from_embeddings_exports_a_bundle_with_the_engines_outputs(ray_cluster, s3_server, shapes_embeddings, tiny_clip_bundle, tmp_path):
     # From the embeddings `dalle2 data embed` computed once: no CLIP runs on the workers.
     probe_path = str(tmp_path / "engine-outputs.pt")
     job = tiny_job(
@@ -171,6 +210,32 @@ def test_prior_zero3_from_embeddings_exports_a_bundle_with_the_engines_outputs(r
     torch.testing.assert_close(averaged.model.image_std, raw.model.image_std)
     with Image.open(os.path.join(result.run_uri, "samples", "step-00000006.png")) as heatmap:
         assert heatmap.mode == "L"  # sampled vs true embedding similarities, drawn with the gathered EMA
+
+    # The same checkpoint in S3: an export fetches rank 0's ZeRO-3 model states (the buffers) and
+    # the EMA slices, not the optimizer states, and gets the weights of the whole checkpoint.
+    uploaded = s3_server.uri("prior-zero3/checkpoint-00000006")
+    filesystem, path = storage.resolve(uploaded)
+    pafs.copy_files(result.checkpoint_uri, path, destination_filesystem=filesystem)
+    check_partial_export(uploaded, "ema")
+
+    # An EMA that lacks a parameter: the export says so and takes it from the fp32 master weights.
+    gap = tmp_path / "ema-gap"
+    shutil.copytree(result.checkpoint_uri, gap)
+    layout = json.loads((gap / "ema" / "layout.json").read_text())
+    dropped = sorted(layout["shapes"])[0]
+    del layout["shapes"][dropped]
+    (gap / "ema" / "layout.json").write_text(json.dumps(layout))
+    for rank in range(2):
+        slices = load_file(str(gap / "ema" / f"rank-{rank:05d}.safetensors"))
+        save_file({name: value for name, value in slices.items() if name != dropped}, str(gap / "ema" / f"rank-{rank:05d}.safetensors"))
+    manifest = json.loads((gap / "manifest.json").read_text())
+    manifest["files"].update({name: size for name, size in local_files(str(gap)).items() if name.startswith("ema/")})
+    (gap / "manifest.json").write_text(json.dumps(manifest))
+    uploaded = s3_server.uri("prior-zero3-ema-gap/checkpoint-00000006")
+    pafs.copy_files(str(gap), storage.resolve(uploaded)[1], destination_filesystem=filesystem)
+    state = check_partial_export(uploaded, "ema", ema_gap=True)
+    with local_copy(uploaded) as whole:
+        torch.testing.assert_close(state[dropped], consolidated_weights(whole)[dropped], rtol=0, atol=0)
 
 
 def test_decoder_trains_from_embeddings_and_draws_samples(ray_cluster, shapes_embeddings, tiny_clip_bundle, tmp_path):
@@ -210,3 +275,9 @@ def test_upsampler_trains_from_s3_into_s3(ray_cluster, s3_server, tmp_path):
 
     bundle = load_bundle(export_run(result.run_uri, s3_server.uri("bundles")))
     assert bundle.kind == "upsampler_256" and bundle.metadata["checkpoint"] == result.checkpoint_uri
+    # The bundle holds the weights of the whole checkpoint though its export fetched no optimizer state.
+    expected = check_partial_export(result.checkpoint_uri, "ema")
+    weights = bundle.model.state_dict()
+    for name, tensor in _model_shapes(expected, weights).items():
+        assert torch.equal(weights[name], tensor), name
+    check_partial_export(result.checkpoint_uri, "raw")

@@ -23,8 +23,9 @@ from ray import cloudpickle
 from dalle2.bundle import load_bundle
 from dalle2.data import storage
 from dalle2.data.shapes import write_shapes_dataset
-from dalle2.train.checkpoint import check_complete, export_run, local_files, rank_copy
+from dalle2.train.checkpoint import check_complete, local_files, rank_copy
 from dalle2.train.config import deep_merge, load_job_config
+from dalle2.train.export import export_run
 from dalle2.train.launch import run_job
 from dalle2.train.loop import TrainHooks
 from dalle2.train.progress import read_metrics

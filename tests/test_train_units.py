@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from dalle2.train.checkpoint import CheckpointError, _model_shapes, check_complete, latest_checkpoint, local_files, write_manifest
+from dalle2.train.checkpoint import CheckpointError, check_complete, latest_checkpoint, local_files, write_manifest
 from dalle2.train.config import (
     JOB_KINDS,
     ConfigError,
@@ -27,6 +27,7 @@ from dalle2.train.config import (
 )
 from dalle2.train.deepspeed_config import build_deepspeed_config
 from dalle2.train.ema import ShardedEMA, consolidate
+from dalle2.train.export import _model_shapes
 from dalle2.train.loop import promote_scalar_parameters, weight_decay_groups
 from dalle2.train.progress import MetricsLog, progress_line, read_metrics
 from dalle2.train.schedule import learning_rate

@@ -1,4 +1,4 @@
-"""Training checkpoints: what they hold, when they are complete, and export to a model bundle.
+"""Training checkpoints: what they hold, when they are complete, and fetching parts of them.
 
 A checkpoint is one folder ``<run>/checkpoint-<step>``, merged by Ray Train from what every
 rank wrote into its local folder::
@@ -16,6 +16,8 @@ A checkpoint is *complete* when every file of its manifest is there with its siz
 while saving or uploading leaves no manifest, or files missing from it, and such a folder is
 never resumed from or exported (Ray Train only registers a checkpoint once all ranks reported
 it; the manifest makes the same check possible for anyone reading the storage).
+
+Export to a model bundle (ZeRO consolidation, the EMA) is dalle2.train.export.
 """
 
 from __future__ import annotations
@@ -27,15 +29,13 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import pyarrow.fs as pafs
 import torch
 from safetensors.torch import load_file, save_file
 
-from dalle2.config import CONFIG_CLASSES, from_dict
 from dalle2.data import storage
-from dalle2.train.ema import consolidate
 
 CHECKPOINT_PREFIX = "checkpoint-"
 MANIFEST, TRAIN_STATE, JOB_FILE, EXTRA_FILE = "manifest.json", "train_state.json", "job.json", "extra.safetensors"
@@ -189,7 +189,8 @@ def latest_checkpoint(run_uri: str) -> str:
 
 @contextmanager
 def local_copy(uri: str) -> Iterator[str]:
-    """A local folder with the checkpoint's files (the folder itself when it is local)."""
+    """A local folder with all the checkpoint's files (the folder itself when it is local); an
+    export fetches only what it reads instead (dalle2.train.export.export_copy)."""
     fs, path = storage.resolve(uri)
     if isinstance(fs, pafs.LocalFileSystem):
         yield path
@@ -204,12 +205,32 @@ def local_copy(uri: str) -> Iterator[str]:
 _RANK_FILE = re.compile(r"^(?:.*zero_pp_rank_(\d+)_.*|rank-(\d+)\..*)$")
 
 
+def rank_of(name: str) -> Optional[int]:
+    """The rank whose own file ``name`` is, or None for a shared file."""
+    match = _RANK_FILE.match(os.path.basename(name))
+    return None if match is None else int(match.group(1) or match.group(2))
+
+
 def needed_by_rank(name: str, rank: int) -> bool:
     """Whether rank ``rank`` reads file ``name`` of a checkpoint when it resumes: the shared files
     and its own shards, not the other ranks' (DeepSpeed loads only its own rank's ZeRO files
     unless elastic checkpoints are on, which dalle2 never turns on)."""
-    match = _RANK_FILE.match(os.path.basename(name))
-    return match is None or int(match.group(1) or match.group(2)) == rank
+    return rank_of(name) in (None, rank)
+
+
+def fetch_files(fs: pafs.FileSystem, path: str, names: Iterable[str], folder: str) -> None:
+    """Copies the files ``names`` (relative to the checkpoint at ``path``) into local ``folder``."""
+    for name in names:
+        os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
+        pafs.copy_files(f"{path}/{name}", os.path.join(folder, name), source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem())  # fmt: skip
+
+
+def fetched_line(what: str, folder: str, manifest: dict, started: float) -> str:
+    """What a partial copy cost, against the whole checkpoint (the point of copying only part)."""
+    fetched, total = local_files(folder), sum(manifest["files"].values())
+    return (f"{what} fetched {len(fetched)} files, {sum(fetched.values()) / 2**20:.1f} MiB of the checkpoint's "
+            f"{total / 2**20:.1f} MiB, in {time.monotonic() - started:.1f} s")  # fmt: skip
 
 
 @contextmanager
@@ -225,13 +246,8 @@ def rank_copy(fs: pafs.FileSystem, path: str, rank: int, log: Callable[[str], No
     names = [MANIFEST, *(name for name in manifest["files"] if needed_by_rank(name, rank))]
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=f"dalle2-resume-rank{rank}-") as folder:
-        for name in names:
-            os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
-            pafs.copy_files(f"{path}/{name}", os.path.join(folder, name), source_filesystem=fs,
-                            destination_filesystem=pafs.LocalFileSystem())  # fmt: skip
-        fetched, total = local_files(folder), sum(manifest["files"].values())
-        log(f"rank {rank}: resume fetched {len(fetched)} files, {sum(fetched.values()) / 2**20:.1f} MiB of the checkpoint's "
-            f"{total / 2**20:.1f} MiB, in {time.monotonic() - started:.1f} s")  # fmt: skip
+        fetch_files(fs, path, names, folder)
+        log(fetched_line(f"rank {rank}: resume", folder, manifest, started))
         yield folder
 
 
@@ -251,82 +267,3 @@ def read_extra(folder: str) -> dict[str, torch.Tensor]:
 
 def read_ema_shard(folder: str, rank: int) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(folder, ema_file(rank)))
-
-
-def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name[len(MODEL_PREFIX) :]: tensor for name, tensor in state.items() if name.startswith(MODEL_PREFIX)}
-
-
-def consolidated_weights(folder: str) -> dict[str, torch.Tensor]:
-    """The whole model's trained weights (float32) from the DeepSpeed files of every rank:
-    the fp32 master weights of ZeRO 1-3 (``zero_to_fp32``), the module itself at stage 0."""
-    info = read_json(folder, JOB_FILE)
-    step = read_train_state(folder).step
-    ds_folder = os.path.join(folder, DEEPSPEED_DIR)
-    if info["zero_stage"] == 0:
-        states = torch.load(os.path.join(ds_folder, deepspeed_tag(step), "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
-        state = {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in states["module"].items()}
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(ds_folder, tag=deepspeed_tag(step))
-    return _strip_prefix(state)
-
-
-def ema_weights(folder: str) -> Optional[dict[str, torch.Tensor]]:
-    """The whole EMA parameters from the slices of every rank, or None when the run kept no EMA."""
-    layout_path = os.path.join(folder, EMA_DIR, EMA_LAYOUT)
-    if not os.path.exists(layout_path):
-        return None
-    layout = read_json(folder, f"{EMA_DIR}/{EMA_LAYOUT}")
-    return consolidate([read_ema_shard(folder, r) for r in range(layout["world_size"])], layout)
-
-
-# ------------------------------------------------------------------------------- export
-
-
-def _model_shapes(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Tensors reshaped to the model's shapes where only the shape differs: the loop trains
-    0-dim parameters as [1] tensors (dalle2.train.loop.promote_scalar_parameters)."""
-    return {
-        name: tensor.reshape(expected[name].shape)
-        if name in expected and tensor.shape != expected[name].shape and tensor.numel() == expected[name].numel()
-        else tensor
-        for name, tensor in state.items()
-    }
-
-
-
-def load_trained_model(folder: str, weights: str = "ema"):
-    """(kind, model) rebuilt from a local checkpoint folder; ``weights`` is ``ema`` (the
-    average, what diffusion models sample with; the trained weights when the run kept none)
-    or ``raw`` (the optimizer's weights)."""
-    from dalle2.factory import create_model
-
-    if weights not in ("ema", "raw"):
-        raise CheckpointError(f"weights must be 'ema' or 'raw', got {weights!r}")
-    info = read_json(folder, JOB_FILE)
-    kind = info["model_kind"]
-    config = from_dict(CONFIG_CLASSES[kind], info["model_config"])
-    model = create_model(kind, config)
-    state = consolidated_weights(folder)
-    average = ema_weights(folder) if weights == "ema" else None
-    if average is not None:
-        state.update(average)  # parameters from the EMA; buffers from the model
-    model.load_state_dict(_model_shapes(state, model.state_dict()))
-    extra = read_extra(folder)
-    if extra and hasattr(model, "load_embedding_stats"):
-        model.load_embedding_stats(extra)
-    return kind, model.eval()
-
-
-def export_run(run_uri: str, out_uri: str, weights: str = "ema") -> str:
-    """Consolidate the latest complete checkpoint of ``run_uri`` (every ZeRO stage) into a model
-    bundle at ``out_uri`` (dalle2.bundle); returns ``out_uri``."""
-    from dalle2.bundle import save_bundle
-
-    checkpoint = latest_checkpoint(run_uri)
-    with local_copy(checkpoint) as folder:
-        kind, model = load_trained_model(folder, weights)
-        step = read_train_state(folder).step
-    return save_bundle(model, kind, out_uri, metadata={"checkpoint": checkpoint, "step": step, "weights": weights})

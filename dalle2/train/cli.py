@@ -114,9 +114,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from dalle2.train.checkpoint import export_run
+    from dalle2.train.export import export_run
 
-    out = export_run(args.run, args.out, weights=args.weights)
+    # What was fetched goes to stderr: stdout stays the one JSON line below.
+    out = export_run(args.run, args.out, weights=args.weights, log=lambda line: print(line, file=sys.stderr))
     print(json.dumps({"bundle": out, "run": args.run, "weights": args.weights}))
     return 0
 

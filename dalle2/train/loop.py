@@ -108,7 +108,7 @@ def promote_scalar_parameters(module: nn.Module) -> list[str]:
 
     DeepSpeed 0.19 broadcasts parameters at start-up as bytes (``p.data.view(torch.uint8)``),
     which fails for 0-dim tensors such as CLIP's ``logit_scale``. Broadcasting values alike,
-    a [1] tensor trains the same; export reshapes it back (dalle2.train.checkpoint).
+    a [1] tensor trains the same; export reshapes it back (dalle2.train.export).
     """
     promoted = []
     for owner_name, owner in module.named_modules():
