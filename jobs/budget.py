@@ -23,14 +23,16 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
-# The reference: the 2-core AVX-512 CPU machine of the README's demo run. A stage's wall time there
-# is `fixed` + steps x `step`: `fixed` is what does not grow with the steps (Ray Train's start, the
-# workers' DeepSpeed and data set-up, the last validation, sample grid and checkpoint, the export),
-# `step` the loop's seconds per step with its periodic validation and checkpoints (their cadence
-# follows the steps: loop_overrides). Both from the run's metrics.csv (`elapsed_s` at the last
-# step) against the stage's wall time. `bare` is dalle2.train.step_timing.bare_step_seconds of the
-# same job config on the same machine (fastest of 5 steps, 1 thread). On another machine a stage's
-# times are the reference's x (bare measured there / bare here).
+# The reference: `dalle2 demo` on the 2-core CPU machine (Intel Xeon with AVX-512 and AMX), quiet,
+# 2026-12-07. A stage's wall time there is `fixed` + steps x `step`: `fixed` is what does not grow
+# with the steps (Ray Train's start, the workers' DeepSpeed and data set-up, the last validation,
+# sample grid and checkpoint, the export), `step` the loop's seconds per step with its periodic
+# validation and checkpoints (their cadence follows the steps: loop_overrides). Both from each
+# run's metrics.csv (`elapsed_s` at the last step) against the stage's wall time (CLIP 601 s for
+# 1,200 steps, prior 169 s / 400, decoder 1,264 s / 1,200, upsampler 93 s / 150). `bare` is
+# dalle2.train.step_timing.bare_step_seconds of the same job config at the start of the same run
+# (fastest of 5 steps, 1 thread). On another machine a stage's times are the reference's x (bare
+# measured there / bare here).
 @dataclass(frozen=True)
 class Reference:
     step: float
@@ -39,12 +41,12 @@ class Reference:
 
 
 REFERENCE = {
-    "clip": Reference(step=356 / 1200, fixed=0.0, bare=0.193),
-    "prior": Reference(step=127 / 600, fixed=0.0, bare=0.073),
-    "decoder": Reference(step=1073 / 1600, fixed=0.0, bare=0.603),
-    "upsampler": Reference(step=102 / 250, fixed=0.0, bare=0.130),
+    "clip": Reference(step=0.449, fixed=62.0, bare=0.200),
+    "prior": Reference(step=0.298, fixed=50.0, bare=0.076),
+    "decoder": Reference(step=1.026, fixed=33.0, bare=0.595),
+    "upsampler": Reference(step=0.325, fixed=44.0, bare=0.139),
 }
-EMBED_REFERENCE_S = 48.0  # the embed stage there (8,192 rows); it runs CLIP, so it scales like the clip stage
+EMBED_REFERENCE_S = 40.0  # the embed stage there (8,192 rows); it runs CLIP, so it scales like the clip stage
 
 
 @dataclass(frozen=True)

@@ -307,8 +307,10 @@ def start_ray() -> str:
     "no such actor" and have this run's workers removed."""
     import ray
 
+    from dalle2.data.ray_reader import LOCAL_RAY_SYSTEM_CONFIG
+
     address = os.environ.get("RAY_ADDRESS") or "local"
-    options = {"include_dashboard": True, "dashboard_host": "127.0.0.1"} if address == "local" else {}
+    options = {"include_dashboard": True, "dashboard_host": "127.0.0.1", "_system_config": dict(LOCAL_RAY_SYSTEM_CONFIG)} if address == "local" else {}
     context = ray.init(address=address, **options)
     url = context.dashboard_url or ""
     return url if not url or "://" in url else f"http://{url}"
@@ -376,7 +378,6 @@ def _closing_lines(config: PipelineConfig, outputs: dict[str, str], seconds: flo
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     parser = argparse.ArgumentParser(prog="python -m jobs.stages", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_pipeline_arguments(parser)
     args = parser.parse_args(argv)
@@ -397,6 +398,10 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
     import dataclasses
+
+    # Ray Data's bars, drawn by the workers and forwarded to the driver, would land in the logs, and
+    # their last state is printed again on the terminal as the driver exits, after our console.
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
     global CONSOLE
     try:

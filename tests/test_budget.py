@@ -100,8 +100,8 @@ def test_measure_budget_scales_the_warm_up_by_the_reference_ratio():
     budget = measure_budget(10 * 60, jobs, {"prior": 400}, embed_pending=True, time_step=lambda job: 2 * REFERENCE["prior"].bare)
     assert budget.rates["prior"] == pytest.approx(2 * REFERENCE["prior"].step)  # twice the reference's times
     assert budget.stage_fixed["prior"] == pytest.approx(2 * REFERENCE["prior"].fixed)
-    assert budget.embed_s == 48  # CLIP not timed: the reference's embed time
-    assert budget.first.steps("prior") == int((600 - 48 - budget.stage_fixed["prior"]) / budget.rates["prior"])  # the YAML's 2,000 steps do not fit
+    assert budget.embed_s == 40  # CLIP not timed: the reference's embed time
+    assert budget.first.steps("prior") == int((600 - 40 - budget.stage_fixed["prior"]) / budget.rates["prior"])  # the YAML's 2,000 steps do not fit
 
 
 def test_the_warm_up_times_a_real_training_step():
@@ -128,7 +128,9 @@ def test_dalle2_demo_budget_minutes_reaches_the_plan(tmp_path, monkeypatch, capf
 
     monkeypatch.setattr(jobs.stages, "start_ray", stop)
     monkeypatch.setattr("ray.is_initialized", lambda: False)
-    assert cli.main(["demo", "--budget-minutes", "75", "--workdir", str(tmp_path)]) == 1
+    # There the configured steps need about 133 min and the floors 101 (3 x the reference's 44.5 and 33.7).
+    assert cli.main(["demo", "--budget-minutes", "115", "--workdir", str(tmp_path)]) == 1
     out = capfd.readouterr().out
-    assert "budget: 75.0 min of training; the configured steps need about" in out
+    assert "budget: 115.0 min of training; the configured steps need about 133" in out
     assert "decoder    " in out and "(configured 1600, floor 1200)" in out
+    assert "upsampler  250 steps, about" in out  # its floor is its configured steps: never cut

@@ -70,11 +70,19 @@ def test_a_killed_import_resumes_with_every_row_once(ray_cluster, tmp_path):
     time.sleep(2)  # the job's tasks go with their driver
     completed = len(glob.glob(f"{out}/_done/*.json"))
     assert 3 <= completed < 12
+    # What an attempt killed mid-unit leaves: a Parquet file of a unit without a marker (here a copy
+    # of a finished unit's file, so its rows would show twice if it stayed).
+    pending = min(set(range(12)) - {int(os.path.basename(m)[5:11]) for m in glob.glob(f"{out}/_done/*.json")})
+    finished_file = sorted(glob.glob(f"{out}/part-*.parquet"))[0]
+    stale = f"{out}/part-{pending:06d}-0007.parquet"
+    with open(finished_file, "rb") as source, open(stale, "wb") as copy:
+        copy.write(source.read())
     report = ray_import(RayImportConfig(src=folder, out=out, workers=2, rows_per_file=4, cpus_per_task=0.25))
     keys = read_dataset(out).column("key").to_pylist()
     assert report.rows == 120 and len(keys) == 120 and len(set(keys)) == 120  # each input row exactly once
     markers = [json.loads(storage.read_bytes(path)) for path in sorted(glob.glob(f"{out}/_done/*.json"))]
     assert len(markers) == 12 and sum(m["rows"] for m in markers) == 120
+    assert not os.path.exists(stale) and os.path.exists(finished_file)  # the driver deleted the partial unit's file only
 
 
 def test_bench_import_reports_both_importers(ray_cluster):

@@ -309,12 +309,22 @@ def test_sweep_scores_each_setting_and_calls_equal_what_is_within_the_noise(tmp_
     rows = result["rows"]
     assert [(r["sampler"], r["seed"], r["baseline"], r["evaluations"]) for r in rows] == [
         ("ddim", 0, True, 5), ("ddim", 1, True, 5), ("dpmpp_2m", 0, False, 4)]  # the baseline with each seed
-    assert all(isinstance(r["equal"], bool) for r in rows) and result["noise"]["noise"] > 0
+    assert all(isinstance(r["equal"], bool) for r in rows) and result["noise"]["all_three_right"]["noise"] > 0
+    assert result["noise"]["clip_score"]["standard_error"] > 0  # the per-image spread of the report / sqrt(count)
     assert "within noise" in (out / "sweep.md").read_text() and Image.open(out / "sweep.png").size == (900, 360)
-    # the rule: 2 noise units below the baseline's mean is still equal, more is not
-    synthetic = [{"all_three_right": 0.80, "baseline": True}, {"all_three_right": 0.84, "baseline": True},
-                 {"all_three_right": 0.77, "baseline": False}, {"all_three_right": 0.70, "baseline": False}]  # fmt: skip
+    (out / "sweep.md").unlink()
+    assert sweep.main(["--out", str(out), "--table"]) == 0 and (out / "sweep.md").exists()  # the table again, from sweep.json
+    # the rule: no score more than 2 noise units worse than the baseline's mean (FID: higher is worse)
+    synthetic = [{"all_three_right": 0.80, "clip_score": 0.84, "baseline": True}, {"all_three_right": 0.84, "clip_score": 0.84, "baseline": True},
+                 {"all_three_right": 0.77, "clip_score": 0.84, "baseline": False}, {"all_three_right": 0.70, "clip_score": 0.84, "baseline": False},
+                 {"all_three_right": 0.82, "clip_score": 0.80, "baseline": False}]  # fmt: skip
+    for row in synthetic:
+        row.update(clip_score_std=0.05, clip_fid=0.03)
+    synthetic[-1]["clip_fid"] = 0.05
     noise = sweep.mark_noise(synthetic, count=400)
-    assert noise["seed_std"] == pytest.approx(0.0283, abs=1e-4) and noise["binomial_se"] == pytest.approx(0.0192, abs=1e-4)
-    assert noise["noise"] == noise["seed_std"]  # the larger of the two
-    assert [r["equal"] for r in synthetic] == [True, True, True, False]  # 0.82 - 0.77 <= 2 x 0.0283 < 0.82 - 0.70
+    rate = noise["all_three_right"]
+    assert rate["seed_std"] == pytest.approx(0.0283, abs=1e-4) and rate["standard_error"] == pytest.approx(0.0192, abs=1e-4)
+    assert rate["noise"] == rate["seed_std"]  # the larger of the two
+    assert noise["clip_score"]["noise"] == pytest.approx(0.05 / 20)  # the seeds agree: the standard error
+    # 0.82 - 0.77 <= 2 x 0.0283 < 0.82 - 0.70; the last is as right but its CLIP score and FID are worse
+    assert [r["equal"] for r in synthetic] == [True, True, True, False, False]

@@ -45,11 +45,6 @@ from dalle2.bench.shuffle_cost import format_shuffle_cost, shuffle_cost
 TARGET_RATIO = 1.3
 TARGET_WAIT_FRACTION = 0.10
 CONSUMERS = 2  # issue 4: the pipeline feeds 2 workers
-# Ray kills a task worker that idles for 1 s once a node has more worker processes than CPUs
-# (actors count), and a new decode worker then imports torch and open_clip again: ~4 CPU-seconds,
-# spent whenever the pipeline pauses (backpressure, epoch ends). Kept a minute, the decode workers
-# live through a run. Applied when this benchmark starts Ray; a cluster it joins keeps its own.
-RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
 SPIN_ITERATIONS = 5_000_000  # ~0.3 s of pure Python per process
 
 
@@ -186,7 +181,7 @@ def cpu_parallelism(processes: int = CONSUMERS) -> float:
 def ray_session_cpu_seconds() -> float:
     """CPU seconds used so far by this process and every process of the local Ray node it
     started (GCS, raylet, agents, workers). Processes that ended are not counted, which is
-    why the benchmark keeps Ray's workers alive (:data:`RAY_SYSTEM_CONFIG`)."""
+    why the benchmark keeps Ray's workers alive (``dalle2.data.ray_reader.LOCAL_RAY_SYSTEM_CONFIG``)."""
     import psutil  # a dependency of Ray
     import ray
 
@@ -237,6 +232,7 @@ def run_data_bench(settings: DataBenchSettings, log: Optional[Callable[[str], No
     import ray
 
     from dalle2.bench.timing import machine_info
+    from dalle2.data.ray_reader import LOCAL_RAY_SYSTEM_CONFIG as RAY_SYSTEM_CONFIG  # decode workers kept through pauses
     from dalle2.data.ray_reader import DataConfig, DroppedRows, check_dataset, preprocess_concurrency, preprocessed_rows
 
     say = log or (lambda message: None)

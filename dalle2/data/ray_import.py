@@ -117,13 +117,27 @@ def _unit_rows(unit: Unit, config: RayImportConfig, root: str):
     return importer._folder_image_rows(root, unit.files, config.caption_column)
 
 
+def _unit_prefix(index: int) -> str:
+    return f"part-{index:06d}-"
+
+
+def delete_partial_output(out: str, pending: list[Unit]) -> int:
+    """Delete what interrupted attempts left of the ``pending`` units (their Parquet files without a
+    marker); returns how many. Done once on the driver: one listing of ``out``, not one per task
+    (with 10,000 shards, 10,000 listings of a folder that grows to 10,000+ files). A task Ray
+    retries within the same run writes the same file names again, so it needs no cleanup."""
+    if not pending or not storage.exists(out):
+        return 0
+    prefixes = tuple(_unit_prefix(unit.index) for unit in pending)
+    stale = [uri for uri in storage.list_files(out, suffix=PARQUET_SUFFIX, recursive=False) if posixpath.basename(uri).startswith(prefixes)]
+    for uri in stale:
+        storage.delete(uri)
+    return len(stale)
+
+
 def convert_unit(unit: Unit, config: RayImportConfig, extras: list[pa.Field]) -> dict:
-    """Convert one unit (a task): delete what an earlier attempt left, write its files, then its
-    marker. Returns the marker's content."""
-    prefix = f"part-{unit.index:06d}-"
-    for stale in storage.list_files(config.out, suffix=PARQUET_SUFFIX) if storage.exists(config.out) else []:
-        if posixpath.basename(stale).startswith(prefix):
-            storage.delete(stale)
+    """Convert one unit (a task): write its files, then its marker. Returns the marker's content."""
+    prefix = _unit_prefix(unit.index)
     schema = with_extra_columns(extras)
     skipped: collections.Counter = collections.Counter()
     files, pending, rows_written = [], [], 0
@@ -183,6 +197,9 @@ def ray_import(config: RayImportConfig) -> ImportReport:
     pending = [u for u in units if u.index not in done]
     if done:
         log.warning("resuming the import into %s: %d of %d units already complete", config.out, len(done), len(units))
+    stale = delete_partial_output(config.out, pending)
+    if stale:
+        log.warning("deleted %d Parquet files that an interrupted import left of units without a marker", stale)
     if pending:
         if not ray.is_initialized():  # RAY_ADDRESS's cluster, else a new local one: a bare ray.init()
             # would join the last Ray this machine recorded, which may be gone (it then hangs).

@@ -47,9 +47,10 @@ stops task workers that idle for 1 s once a node has more worker processes than 
 on a small machine with Train workers and actors is always, so every pause of the pipeline
 (backpressure, the end of an epoch) costs new workers. Clusters for training should keep
 idle workers longer: ``RAY_idle_worker_killing_time_threshold_ms=60000`` in the environment
-of ``ray start`` (``cluster/start-local.sh`` sets it), or ``ray.init(_system_config=
-{"idle_worker_killing_time_threshold_ms": 60000})`` for a local cluster. Measured by
-``dalle2 bench data``.
+of ``ray start`` (``cluster/start-local.sh`` sets it); the local Ray that the demo, ``dalle2
+train`` alone and the benchmarks start gets it (:data:`LOCAL_RAY_SYSTEM_CONFIG`). Without it the
+demo's stages kept starting decode workers (processes a few seconds old in the middle of a stage).
+Measured by ``dalle2 bench data``.
 
 Ray is imported here and in :mod:`.embed` only: the rest of :mod:`dalle2.data` is plain
 Python that tests and tools call without a cluster.
@@ -116,6 +117,13 @@ def check_dataset(path: str, columns: tuple[str, ...] = TRAINING_COLUMNS) -> tup
     check_columns(read_schema(files[0]), columns, files[0])
     filesystem, _ = storage.resolve(path)
     return filesystem, [storage.path_of(f) for f in files]
+
+
+# What a local Ray this project starts (the demo, `dalle2 train` alone, the benchmarks) is given,
+# for the reason in the module's docstring: decode workers kept a minute through the pipeline's
+# pauses instead of a new torch import (~4 CPU-seconds each) at every epoch's end. A cluster that
+# is joined keeps its own config (cluster/start-local.sh sets the same through the environment).
+LOCAL_RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
 
 
 @ray.remote(num_cpus=0)

@@ -70,6 +70,12 @@ def clip_score(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> float:
     return mean_cosine(image_embeds, text_embeds)
 
 
+def clip_score_std(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> float:
+    """Standard deviation over images of that cosine: the standard error of the CLIP score of N
+    images is this / sqrt(N) (what tells two settings' scores apart, dalle2.eval.sweep)."""
+    return F.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1).std().item()
+
+
 def _trace_sqrt_product(sigma_a: np.ndarray, sigma_b: np.ndarray) -> float:
     """tr sqrt(A B) for symmetric PSD A, B, through symmetric eigendecompositions only:
     A B is similar to A^1/2 B A^1/2 (symmetric PSD), so they share their eigenvalues. No

@@ -343,6 +343,7 @@ def _run_eval(settings: EvalSettings, progress: Optional[Progress]) -> dict[str,
             "image_size": pipe.sizes[-1],
             "images": len(rows),
             "clip_score": metrics.clip_score(generated_embeds, text.embed),
+            "clip_score_std": metrics.clip_score_std(generated_embeds, text.embed),  # over images
             "clip_score_real": metrics.clip_score(real_embeds, text.embed),  # the same captions with their real images
             "clip_fid": metrics.frechet_distance(metrics.clip_features(generated_embeds), metrics.clip_features(real_embeds)),
             "clip_fid_real_halves": (

@@ -46,30 +46,44 @@ def scores(report: dict[str, Any]) -> dict[str, Optional[float]]:
     return {
         "all_three_right": checker["generated"]["shape_color_position"] if checker else None,
         "clip_score": generation.get("clip_score"),
+        "clip_score_std": generation.get("clip_score_std"),
         "clip_fid": generation.get("clip_fid"),
         "prior_cosine": report["prior"]["cosine"] if report["prior"] else None,
         "seconds": report["wall_time_s"].get("generate", 0.0) + report["wall_time_s"].get("prior", 0.0),
     }
 
 
-def mark_noise(rows: list[dict[str, Any]], count: int) -> dict[str, float]:
-    """Mark each row ``equal`` when its all-three-right rate is no more than 2 noise units below the
-    baseline's mean, and return the baseline's mean and noise. The noise is the larger of the
-    baseline seeds' standard deviation (sampling noise, measured) and the binomial standard error
-    of a rate on ``count`` captions (the few seeds can understate it); the difference of two
-    independent such rates has sqrt(2) of it, so 2 units is about a 1.4-sigma bound: a setting
-    called equal is not measurably worse at this count."""
+# The scores a setting must keep, and which way is better (FID: lower).
+SCORES = {"all_three_right": 1, "clip_score": 1, "clip_fid": -1}
+
+
+def mark_noise(rows: list[dict[str, Any]], count: int) -> dict[str, dict[str, float]]:
+    """Mark each row ``equal`` when none of its scores is worse than the baseline's mean by more
+    than 2 noise units, and return each score's baseline mean and noise. A score's noise is the
+    larger of the baseline seeds' standard deviation (sampling noise, measured; two or three seeds
+    can understate it) and its standard error on ``count`` captions where that is known: binomial
+    for the all-three-right rate, the per-image spread / sqrt(count) for the CLIP score (reports
+    carry ``clip_score_std``). The difference of two independent such scores has sqrt(2) of it, so
+    2 units is about a 1.4-sigma bound: a setting called equal is not measurably worse at this count."""
     import statistics
 
-    baseline = [r["all_three_right"] for r in rows if r["baseline"] and r["all_three_right"] is not None]
-    if not baseline:
-        return {}
-    mean = statistics.fmean(baseline)
-    spread = statistics.stdev(baseline) if len(baseline) > 1 else 0.0
-    noise = max(spread, math.sqrt(max(mean * (1 - mean), 1e-6) / count))
+    noise: dict[str, dict[str, float]] = {}
+    for name in SCORES:
+        baseline_rows = [r for r in rows if r["baseline"] and r.get(name) is not None]
+        if not baseline_rows:
+            continue
+        values = [r[name] for r in baseline_rows]
+        mean = statistics.fmean(values)
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        floor = 0.0
+        if name == "all_three_right":
+            floor = math.sqrt(max(mean * (1 - mean), 1e-6) / count)
+        elif name == "clip_score" and all(r.get("clip_score_std") is not None for r in baseline_rows):
+            floor = statistics.fmean(r["clip_score_std"] for r in baseline_rows) / math.sqrt(count)
+        noise[name] = {"baseline_mean": mean, "seed_std": spread, "standard_error": floor, "noise": max(spread, floor)}
     for r in rows:
-        r["equal"] = r["all_three_right"] is not None and mean - r["all_three_right"] <= 2 * noise
-    return {"baseline_mean": mean, "seed_std": spread, "binomial_se": math.sqrt(max(mean * (1 - mean), 1e-6) / count), "noise": noise}
+        r["equal"] = all(SCORES[name] * (n["baseline_mean"] - r[name]) <= 2 * n["noise"] for name, n in noise.items() if r.get(name) is not None)
+    return noise
 
 
 def plot(rows: list[dict[str, Any]], path: str) -> None:
@@ -115,14 +129,21 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--bundles", required=True)
-    parser.add_argument("--data", required=True)
+    parser.add_argument("--bundles")
+    parser.add_argument("--data")
     parser.add_argument("--out", required=True)
     parser.add_argument("--count", type=int, default=64)
-    parser.add_argument("--setting", action="append", required=True, help="SAMPLER:PRIOR,DECODER,UPSAMPLER; the first is the baseline")
+    parser.add_argument("--setting", action="append", help="SAMPLER:PRIOR,DECODER,UPSAMPLER; the first is the baseline")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="the baseline runs with each; the others with the first")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--table", action="store_true", help="no scoring: the table, plot and marks again from OUT/sweep.json")
     args = parser.parse_args(argv)
+    if args.table:
+        saved = json.loads(storage.read_bytes(storage.join(args.out, "sweep.json")))
+        write_outputs(saved["rows"], args.out, saved.get("count", args.count))
+        return 0
+    if not (args.bundles and args.data and args.setting):
+        parser.error("--bundles, --data and at least one --setting are needed (or --table)")
     rows = []
     for index, text in enumerate(args.setting):
         sampler, steps = parse_setting(text)
@@ -137,8 +158,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    "evaluations": evaluations(steps, stages), **scores(report)}  # fmt: skip
             rows.append(row)
             print(json.dumps(row), flush=True)
-    noise = mark_noise(rows, args.count)
-    storage.write_bytes(storage.join(args.out, "sweep.json"), json.dumps({"rows": rows, "noise": noise}, indent=2).encode())
+    write_outputs(rows, args.out, args.count)
+    return 0
+
+
+def write_outputs(rows: list[dict[str, Any]], out: str, count: int) -> None:
+    """sweep.json, sweep.md and sweep.png from the scored rows (also from a sweep.json again:
+    ``--table``, when the rule or the table changes and the scores do not)."""
+    noise = mark_noise(rows, count)
+    storage.write_bytes(storage.join(out, "sweep.json"), json.dumps({"rows": rows, "noise": noise, "count": count}, indent=2).encode())
     lines = [
         "| sampler | steps (prior, decoder, upsampler) | seed | evaluations / image | all three right | CLIP score | CLIP-feature FID | prior cosine | s | within noise |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
@@ -148,16 +176,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  (("all_three_right", 3), ("clip_score", 3), ("clip_fid", 4), ("prior_cosine", 4))}  # fmt: skip
         lines.append(
             f"| {r['sampler']} | {', '.join(map(str, r['steps']))} | {r['seed']} | {r['evaluations']} | {shown['all_three_right']} | "
-            f"{shown['clip_score']} | {shown['clip_fid']} | {shown['prior_cosine']} | {r['seconds']:.0f} | "
-            f"{'yes' if r.get('equal') else 'no' if 'equal' in r else ''} |"
+            f"{shown['clip_score']} | {shown['clip_fid']} | {shown['prior_cosine']} | {r['seconds']:.0f} | {'yes' if r['equal'] else 'no'} |"
         )
-    if noise:
-        lines.append(f"\nBaseline all-three-right {noise['baseline_mean']:.3f}; noise {noise['noise']:.3f} (seed std {noise['seed_std']:.3f}, "
-                     f"binomial SE at {args.count} captions {noise['binomial_se']:.3f}); equal = at most 2 noise units below the baseline.")
-    storage.write_bytes(storage.join(args.out, "sweep.md"), ("\n".join(lines) + "\n").encode())
-    plot(rows, os.path.join(args.out, "sweep.png"))
+    lines.append("")
+    for name, n in noise.items():
+        lines.append(f"- {name}: baseline {n['baseline_mean']:.4f}, noise {n['noise']:.4f} (seed std {n['seed_std']:.4f}, "
+                     f"standard error at {count} captions {n['standard_error']:.4f})")  # fmt: skip
+    lines.append("- within noise: no score more than 2 noise units worse than the baseline's mean")
+    storage.write_bytes(storage.join(out, "sweep.md"), ("\n".join(lines) + "\n").encode())
+    plot(rows, os.path.join(out, "sweep.png"))
     print("\n".join(lines))
-    return 0
 
 
 if __name__ == "__main__":

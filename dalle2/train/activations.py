@@ -153,7 +153,6 @@ def saved_bytes(job_kind: str, kind: str, config: Any, batch: int) -> dict[str, 
     inputs = task.inputs(synthetic_batch(task, config, batch))
     excluded = {t.untyped_storage().data_ptr() for t in [*loss_module.parameters(), *loss_module.buffers()]}
     units = dict(model.named_modules())
-    unit_of: dict[str, int] = {}  # storage -> owner: "" outside any unit, else the unit's name
     storages: dict[int, tuple[int, str]] = {}
     unit_inputs: set[int] = set()
     active: list[str] = []

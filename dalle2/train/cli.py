@@ -80,6 +80,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dalle2.train.progress import final_metrics, format_duration, job_header
     from jobs.console import Console, log_dir_of
 
+    # Ray Data's bars would be printed again on the terminal as the process exits, after the console.
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     job = load_job_config(args.job, args.config, job_overrides(args))
     # The checks run_job makes first, made here too, before the console opens its log: bad input
     # is one line on stderr (exit 2) and leaves nothing written.
@@ -161,7 +163,14 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
         add_job_arguments(parser)
         parser.set_defaults(func=cmd_train, job=job)
 
-    export = subparsers.add_parser("export", help="consolidate a run's latest checkpoint (any ZeRO stage) into a model bundle")
+    export = subparsers.add_parser(
+        "export", help="consolidate a run's latest checkpoint (any ZeRO stage) into a model bundle",
+        description="Consolidate a run's latest complete checkpoint into a model bundle. Local disk it needs for an "
+        "s3:// run: the EMA export (default) fetches the EMA slices (4 bytes per parameter) and rank 0's model states "
+        "(its buffers; at ZeRO 1-2 also the module in the training dtype, 2 bytes per parameter in bf16), never the "
+        "optimizer state; --weights raw fetches the fp32 master weights and Adam's moments (about 12 bytes per "
+        "parameter, ~57 GB for the paper decoder). A local run is read where it lies. It logs what it fetched.",
+    )  # fmt: skip
     export.add_argument("run", help="run folder (<storage>/<name>) or one checkpoint folder in it")
     export.add_argument("out", help="bundle folder: path, file:// or s3://bucket/prefix")
     export.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default; the trained weights when none) or raw")

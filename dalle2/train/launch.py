@@ -252,5 +252,10 @@ def run_job(job: JobConfig, hooks: Optional[TrainHooks] = None, on_progress: Opt
     checkpoint_uri = None
     if result.checkpoint is not None:
         checkpoint_uri = storage.join(checked.run_uri, result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
-    dropped_rows = ray.get(dropped.totals.remote()) if dropped is not None else {}
+    dropped_rows = {}
+    if dropped is not None:
+        dropped_rows = ray.get(dropped.totals.remote())
+        # The run is over: its counter goes (in a pipeline each stage's would otherwise stay, a
+        # process with torch loaded, beside every later stage).
+        ray.kill(dropped)
     return TrainResult(checked.run_uri, checkpoint_uri, dict(result.metrics or {}), dropped_rows)

@@ -66,7 +66,9 @@ def connect_ray() -> None:
     if address:
         ray.init()
     else:
-        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
+        from dalle2.data.ray_reader import LOCAL_RAY_SYSTEM_CONFIG
+
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", _system_config=dict(LOCAL_RAY_SYSTEM_CONFIG))
 
 
 def check_batches(pieces: Sequence[Piece], job: JobConfig) -> None:
