@@ -1,10 +1,10 @@
 """The demo's time budget: measure each training stage's step rate, plan its steps, report.
 
 ``dalle2 demo --budget-minutes 30`` times a few bare steps of every training stage that is
-still to run (:mod:`dalle2.train.step_timing`), turns them into the full job's seconds per step
-with the ratio measured on the reference machine (:data:`REFERENCE`), and asks
-:func:`plan_steps` how many steps each stage gets. On a machine as fast as the reference
-nothing is cut; on a slower one every stage keeps its floor (``min_steps`` in the pipeline
+still to run (:mod:`dalle2.train.step_timing`), turns them into the full job's time (a fixed
+part: start, last checkpoint, export; and seconds per step) with the ratios measured on the
+reference machine (:data:`REFERENCE`), and asks :func:`plan_steps` how many steps each stage
+gets. When the configured steps fit nothing is cut; on a slower one every stage keeps its floor (``min_steps`` in the pipeline
 config) and gives up the same share of the steps above it. Before each stage the plan is made
 again from the time left and from how the finished stages' real times compared with their
 estimates, so an estimate that was off is corrected by the stages that follow.
@@ -13,7 +13,7 @@ The cut is a smaller ``loop.max_steps``: the LR schedule's cosine ends at ``max_
 (:mod:`dalle2.train.schedule`), and :func:`loop_overrides` shrinks the validation and checkpoint
 cadence with it, so a cut run validates and checkpoints as often, relative to its length, as
 the configured one. The budget covers the training stages and the embed stage; building the
-dataset and serving are outside it.
+dataset, the quality check (``eval:``) and serving are outside it.
 """
 
 from __future__ import annotations
@@ -23,16 +23,17 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
-# The reference: `dalle2 demo` on the 2-core CPU machine (Intel Xeon with AVX-512 and AMX), quiet,
-# 2026-12-07. A stage's wall time there is `fixed` + steps x `step`: `fixed` is what does not grow
-# with the steps (Ray Train's start, the workers' DeepSpeed and data set-up, the last validation,
-# sample grid and checkpoint, the export), `step` the loop's seconds per step with its periodic
-# validation and checkpoints (their cadence follows the steps: loop_overrides). Both from each
-# run's metrics.csv (`elapsed_s` at the last step) against the stage's wall time (CLIP 601 s for
-# 1,200 steps, prior 169 s / 400, decoder 1,264 s / 1,200, upsampler 93 s / 150). `bare` is
-# dalle2.train.step_timing.bare_step_seconds of the same job config at the start of the same run
-# (fastest of 5 steps, 1 thread). On another machine a stage's times are the reference's x (bare
-# measured there / bare here).
+# The reference: `dalle2 demo` on the 2-core CPU machine (Intel Xeon, run with
+# ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 so that its kernels are those of the slower
+# AVX2-only kind), quiet, 2026-12-07. A stage's wall time there is `fixed` + steps x `step`: `fixed`
+# is what does not grow with the steps (Ray Train's start, the workers' DeepSpeed and data set-up,
+# the last validation, sample grid and checkpoint, the export), `step` the loop's seconds per step
+# with its periodic validation and checkpoints (their cadence follows the steps: loop_overrides).
+# Both from each run's metrics.csv (`elapsed_s` at the last step) against the stage's wall time
+# (CLIP 297 s for 800 steps, prior 114 s / 432, decoder 1,460 s / 1,245, upsampler 128 s / 250).
+# `bare` is dalle2.train.step_timing.bare_step_seconds of the same job config at the start of the
+# same run (fastest of 5 steps, 1 thread). On another machine a stage's times are the reference's
+# x (bare measured there / bare here).
 @dataclass(frozen=True)
 class Reference:
     step: float
@@ -41,12 +42,12 @@ class Reference:
 
 
 REFERENCE = {
-    "clip": Reference(step=0.449, fixed=62.0, bare=0.200),
-    "prior": Reference(step=0.298, fixed=50.0, bare=0.076),
-    "decoder": Reference(step=1.026, fixed=33.0, bare=0.595),
-    "upsampler": Reference(step=0.325, fixed=44.0, bare=0.139),
+    "clip": Reference(step=0.340, fixed=25.0, bare=0.195),
+    "prior": Reference(step=0.174, fixed=39.0, bare=0.076),
+    "decoder": Reference(step=1.146, fixed=33.0, bare=0.724),
+    "upsampler": Reference(step=0.341, fixed=43.0, bare=0.168),
 }
-EMBED_REFERENCE_S = 40.0  # the embed stage there (8,192 rows); it runs CLIP, so it scales like the clip stage
+EMBED_REFERENCE_S = 41.0  # the embed stage there (8,192 rows); it runs CLIP, so it scales like the clip stage
 
 
 @dataclass(frozen=True)

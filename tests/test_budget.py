@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from jobs.budget import REFERENCE, Budget, loop_overrides, measure_budget, plan_steps
+from jobs.budget import EMBED_REFERENCE_S, REFERENCE, Budget, loop_overrides, measure_budget, plan_steps
 
 CONFIGURED = {"clip": 1200, "prior": 600, "decoder": 1600, "upsampler": 250}
 FLOORS = {"clip": 800, "prior": 400, "decoder": 1200, "upsampler": 150}
@@ -100,8 +100,8 @@ def test_measure_budget_scales_the_warm_up_by_the_reference_ratio():
     budget = measure_budget(10 * 60, jobs, {"prior": 400}, embed_pending=True, time_step=lambda job: 2 * REFERENCE["prior"].bare)
     assert budget.rates["prior"] == pytest.approx(2 * REFERENCE["prior"].step)  # twice the reference's times
     assert budget.stage_fixed["prior"] == pytest.approx(2 * REFERENCE["prior"].fixed)
-    assert budget.embed_s == 40  # CLIP not timed: the reference's embed time
-    assert budget.first.steps("prior") == int((600 - 40 - budget.stage_fixed["prior"]) / budget.rates["prior"])  # the YAML's 2,000 steps do not fit
+    assert budget.embed_s == EMBED_REFERENCE_S  # CLIP not timed: the reference's embed time
+    assert budget.first.steps("prior") == int((600 - EMBED_REFERENCE_S - budget.stage_fixed["prior"]) / budget.rates["prior"])  # the YAML's 2,000 steps do not fit
 
 
 def test_the_warm_up_times_a_real_training_step():
@@ -128,9 +128,13 @@ def test_dalle2_demo_budget_minutes_reaches_the_plan(tmp_path, monkeypatch, capf
 
     monkeypatch.setattr(jobs.stages, "start_ray", stop)
     monkeypatch.setattr("ray.is_initialized", lambda: False)
-    # There the configured steps need about 133 min and the floors 101 (3 x the reference's 44.5 and 33.7).
+    # There the configured steps need 3x the reference's time and the floors too; 115 min lies between.
+    def minutes(steps: dict) -> float:
+        return 3 * (EMBED_REFERENCE_S + sum(REFERENCE[s].fixed + n * REFERENCE[s].step for s, n in steps.items())) / 60
+
+    assert minutes(FLOORS | {"upsampler": 250}) < 115 < minutes(CONFIGURED)
     assert cli.main(["demo", "--budget-minutes", "115", "--workdir", str(tmp_path)]) == 1
     out = capfd.readouterr().out
-    assert "budget: 115.0 min of training; the configured steps need about 133" in out
+    assert f"budget: 115.0 min of training; the configured steps need about {minutes(CONFIGURED):.1f} min" in out
     assert "decoder    " in out and "(configured 1600, floor 1200)" in out
     assert "upsampler  250 steps, about" in out  # its floor is its configured steps: never cut

@@ -238,7 +238,7 @@ def test_prior_zero3_from_embeddings_exports_a_bundle_with_the_engines_outputs(r
         torch.testing.assert_close(state[dropped], consolidated_weights(whole)[dropped], rtol=0, atol=0)
 
 
-def test_decoder_trains_from_embeddings_and_draws_samples(ray_cluster, shapes_embeddings, tiny_clip_bundle, tmp_path):
+def test_decoder_trains_from_embeddings_and_draws_samples(ray_cluster, shapes_embeddings, tiny_clip_bundle, tmp_path, monkeypatch):
     # The embed rows keep the images: the workers decode them (the image pipeline, same split and
     # drops) and take image_embed from the row. The task on the workers has no CLIP at all, so a
     # batch without image_embed would fail the run. (From images, CLIP on the workers: the prior's
@@ -248,7 +248,15 @@ def test_decoder_trains_from_embeddings_and_draws_samples(ray_cluster, shapes_em
         data={"format": "embeddings"}, loop={"val_every": 2},
     )  # fmt: skip
     assert not job.loads_clip
+    import ray
+
+    from dalle2.data import ray_reader
+
+    counters, make_counter = [], ray_reader.dropped_rows_counter
+    monkeypatch.setattr(ray_reader, "dropped_rows_counter", lambda: counters.append(make_counter()) or counters[-1])
     result = run_job(job)
+    with pytest.raises(ray.exceptions.RayActorError):  # the run's dropped-rows counter ends with it
+        ray.get(counters[0].totals.remote(), timeout=30)
     # The per-batch loss swings with the timesteps drawn (CI saw step 8 above step 2): judge by the
     # validation loss, a fixed batch with fixed noise and timesteps, at steps 2 and 8.
     rows = read_metrics(storage.join(result.run_uri, "metrics.csv"))

@@ -132,7 +132,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--bundles")
     parser.add_argument("--data")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--count", type=int, default=64)
+    parser.add_argument("--count", type=int, default=None, help="held-out captions per setting (default 64; with --table: the sweep's)")
     parser.add_argument("--setting", action="append", help="SAMPLER:PRIOR,DECODER,UPSAMPLER; the first is the baseline")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="the baseline runs with each; the others with the first")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -140,10 +140,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.table:
         saved = json.loads(storage.read_bytes(storage.join(args.out, "sweep.json")))
-        write_outputs(saved["rows"], args.out, saved.get("count", args.count))
+        write_outputs(saved["rows"], args.out, args.count or saved.get("count") or 64)
         return 0
     if not (args.bundles and args.data and args.setting):
         parser.error("--bundles, --data and at least one --setting are needed (or --table)")
+    args.count = args.count or 64
     rows = []
     for index, text in enumerate(args.setting):
         sampler, steps = parse_setting(text)
