@@ -151,10 +151,10 @@ def compare_text_to_image(settings: BenchSettings, match: Match, at_defaults: bo
         n=1, seed=settings.seed, prior=StageOptions(steps, PRIOR_GUIDANCE), decoder=StageOptions(steps, DECODER_GUIDANCE)
     )
     if at_defaults:
-        steps, ours = PEER_DEFAULT_STEPS, GenerationOptions()
+        steps, defaults = PEER_DEFAULT_STEPS, GenerationOptions()
         options = dataclasses.replace(
-            options, prior=dataclasses.replace(ours.prior, guidance_scale=PRIOR_GUIDANCE),
-            decoder=dataclasses.replace(ours.decoder, guidance_scale=DECODER_GUIDANCE),
+            options, prior=dataclasses.replace(defaults.prior, guidance_scale=PRIOR_GUIDANCE),
+            decoder=dataclasses.replace(defaults.decoder, guidance_scale=DECODER_GUIDANCE),
         )  # fmt: skip
     our_steps = f"{options.prior.steps} prior + {options.decoder.steps} decoder {options.decoder.sampler} steps"
 
