@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dalle2.data import storage
-from jobs.console import Console
+from dalle2.console import Console
 
 # The quality issue's targets for the independent checker on images generated from held-out
 # captions (issue 8; shape is aimed at 0.8 so that a stricter reader still finds 0.7).

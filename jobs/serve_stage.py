@@ -14,7 +14,7 @@ import socket
 import urllib.request
 
 from dalle2.data import storage
-from jobs.console import Console
+from dalle2.console import Console
 
 
 def _free_port() -> int:

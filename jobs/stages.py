@@ -30,7 +30,7 @@ from dalle2.config import from_dict
 from dalle2.data import storage
 from dalle2.train.progress import final_metrics, format_duration, job_header
 from jobs.budget import Budget, loop_overrides, measure_budget
-from jobs.console import Console, log_dir_of
+from dalle2.console import Console, log_dir_of
 from jobs.eval_stage import EvalSpec, stage_eval
 from jobs.serve_stage import check_port_free, stage_serve
 

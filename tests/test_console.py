@@ -26,7 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_console_keeps_our_lines_and_logs_the_rest_even_below_python(tmp_path):
     script = textwrap.dedent(f"""
         import os, sys, logging
-        from jobs.console import Console
+        from dalle2.console import Console
         with Console({str(tmp_path / "logs")!r}) as console:
             console.section("clip")
             console.say("ours")
@@ -117,7 +117,7 @@ def test_open_trackers_pickle_for_a_restart_after_a_lost_node(tmp_path):
 def test_verbose_console_writes_the_logs_and_shows_them_too(tmp_path):
     script = textwrap.dedent(f"""
         import os, logging
-        from jobs.console import Console
+        from dalle2.console import Console
         with Console({str(tmp_path / "logs")!r}, echo=True) as console:
             console.say("before any section")
             console.section("clip")

@@ -9,7 +9,7 @@ import torch
 from dalle2.bundle import save_bundle
 from dalle2.data import shapes
 from dalle2.factory import create_model
-from jobs.console import Console
+from dalle2.console import Console
 from jobs.eval_stage import TARGETS, EvalSpec, quality_lines, stage_eval
 from jobs.stages import PipelineConfig, StageSpec
 

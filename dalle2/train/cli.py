@@ -78,7 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dalle2.train.launch import check_job, run_job
     from dalle2.train.preflight import check_cluster_address, check_resume
     from dalle2.train.progress import final_metrics, format_duration, job_header
-    from jobs.console import Console, log_dir_of
+    from dalle2.console import Console, log_dir_of
 
     # Ray Data's bars would be printed again on the terminal as the process exits, after the console.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
