@@ -307,10 +307,10 @@ def start_ray() -> str:
     "no such actor" and have this run's workers removed."""
     import ray
 
-    from dalle2.data.ray_reader import LOCAL_RAY_SYSTEM_CONFIG
+    from dalle2.train.preflight import local_ray_options
 
     address = os.environ.get("RAY_ADDRESS") or "local"
-    options = {"include_dashboard": True, "dashboard_host": "127.0.0.1", "_system_config": dict(LOCAL_RAY_SYSTEM_CONFIG)} if address == "local" else {}
+    options = local_ray_options() if address == "local" else {}
     context = ray.init(address=address, **options)
     url = context.dashboard_url or ""
     return url if not url or "://" in url else f"http://{url}"

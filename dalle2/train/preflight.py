@@ -49,6 +49,14 @@ def check_cluster_address(address: Optional[str], timeout_s: float = ADDRESS_TIM
         ) from error
 
 
+def local_ray_options() -> dict:
+    """``ray.init`` options of a local Ray this project starts (the demo, ``dalle2 train`` alone):
+    its dashboard on 127.0.0.1 (see :func:`connect_ray`), decode workers kept through pauses."""
+    from dalle2.data.ray_reader import LOCAL_RAY_SYSTEM_CONFIG
+
+    return {"include_dashboard": True, "dashboard_host": "127.0.0.1", "_system_config": dict(LOCAL_RAY_SYSTEM_CONFIG)}
+
+
 def connect_ray() -> None:
     """Join the cluster of ``RAY_ADDRESS`` (or a ``ray job submit`` driver's), checked first;
     without one, start a local Ray with its dashboard on 127.0.0.1. Not ``ray.init()``: that
@@ -66,9 +74,7 @@ def connect_ray() -> None:
     if address:
         ray.init()
     else:
-        from dalle2.data.ray_reader import LOCAL_RAY_SYSTEM_CONFIG
-
-        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", _system_config=dict(LOCAL_RAY_SYSTEM_CONFIG))
+        ray.init(address="local", **local_ray_options())
 
 
 def check_batches(pieces: Sequence[Piece], job: JobConfig) -> None:
