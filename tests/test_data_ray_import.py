@@ -43,6 +43,26 @@ def test_ray_import_shrinks_to_max_side(ray_cluster, tmp_path):
     assert SIDE > 16
 
 
+def test_small_shards_share_a_task_and_a_retried_task_skips_finished_units(tmp_path):
+    from dalle2.data.ray_import import TASKS_PER_WORKER, Unit, convert_unit, group_units, plan_units
+
+    folder = str(tmp_path / "shards")
+    write_shapes_shards(folder, shards=12, per_shard=10)
+    config = RayImportConfig(src=folder, out=str(tmp_path / "out"), rows_per_file=4)
+    units, extras = plan_units(config)
+    assert len(units) == 12 and all(unit.size == os.path.getsize(unit.files[0]) for unit in units)
+    tasks = group_units(units, workers=2)
+    assert len(tasks) == 2 * TASKS_PER_WORKER  # small shards: not a task each, yet 4 per worker
+    assert [unit for task in tasks for unit in task] == units  # each unit once, in order
+    assert group_units([Unit(i, "webdataset", [], size=300 << 20) for i in range(20)], workers=2) == [
+        [Unit(i, "webdataset", [], size=300 << 20)] for i in range(20)]  # LAION-size shards: a task each  # fmt: skip
+    first = convert_unit(units[0], config, extras)
+    written = {path: os.path.getmtime(path) for path in glob.glob(f"{config.out}/part-*.parquet")}
+    assert first["rows"] == 10 and len(written) == 3
+    assert convert_unit(units[0], config, extras) == first  # Ray retries a task: its finished units are not redone
+    assert {path: os.path.getmtime(path) for path in glob.glob(f"{config.out}/part-*.parquet")} == written
+
+
 def test_bad_import_options_and_inputs_fail_before_any_task(tmp_path):
     with pytest.raises(ValueError, match="max-side must be at least 8"):
         RayImportConfig(src="x", out="y", max_side=4)

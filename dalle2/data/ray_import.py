@@ -3,7 +3,9 @@
     report = ray_import(RayImportConfig(src="s3://b/laion/{00000..09999}.tar", out="s3://b/laion-pq", workers=64))
 
 The input is cut into *units*: a tar shard, a Parquet file, or a chunk of a folder's images.
-One task converts one unit: it reads the unit's rows, decodes each image once (and, with
+A task converts a run of consecutive units (:func:`group_units`: at least ``TASK_INPUT_BYTES`` of
+input, so that small shards do not cost a task each, yet several tasks per worker). For each
+unit it reads the unit's rows, decodes each image once (and, with
 ``max_side``, shrinks it so that its longer side is at most that), and writes them as Parquet
 files ``part-<unit>-<n>.parquet`` of ``rows_per_file`` rows; then, last, a marker
 ``_done/unit-<unit>.json`` with the unit's files, rows and skips. A rerun skips every unit with
@@ -25,8 +27,9 @@ import io
 import json
 import os
 import logging
+import math
 import posixpath
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -41,6 +44,12 @@ log = logging.getLogger(__name__)
 DONE_DIR = "_done"
 MIN_SIDE = 8
 FOLDER_UNIT_IMAGES = 1024  # images of a folder source per unit
+# A task's input: one LAION shard from img2dataset (10,000 images, hundreds of MiB) is a task of
+# its own; small shards are grouped, since each Ray Data task costs a fixed ~0.1-0.2 s of
+# scheduling and result handling (measured on 2 cores: 512-image shards left the 2 workers ~35%
+# idle, and the import no faster than one process).
+TASK_INPUT_BYTES = 64 << 20
+TASKS_PER_WORKER = 4  # the least, where there are enough units: the last tasks still balance
 
 
 @dataclass(frozen=True)
@@ -67,25 +76,50 @@ class Unit:
     index: int
     kind: str  # webdataset | parquet | folder
     files: list[str] = field(default_factory=list)
+    size: int = 0  # bytes of input
 
 
 def plan_units(config: RayImportConfig) -> tuple[list[Unit], list[pa.Field]]:
     """The units of the input and the extra columns (from the first WebDataset sample with a
     ``.json``); raises before any task for input that cannot be used."""
-    from dalle2.data.webdataset import is_webdataset_source, shard_uris
+
+    from dalle2.data.webdataset import TAR_SUFFIX, is_webdataset_source, shard_uris
 
     if is_webdataset_source(config.src):
         shards = shard_uris(config.src)
+        sizes: dict[str, int] = {}
+        for folder in sorted({posixpath.dirname(shard) for shard in shards}):  # a listing per folder, not a request per shard
+            sizes.update(storage.list_file_sizes(folder, suffix=TAR_SUFFIX, recursive=False))
         first = next((row for row in importer._webdataset_rows(shards[:1]) if row.extra), None)
-        return [Unit(i, "webdataset", [s]) for i, s in enumerate(shards)], importer._extra_fields(first)
+        units = [Unit(i, "webdataset", [s], sizes.get(s, 0)) for i, s in enumerate(shards)]
+        return units, importer._extra_fields(first)
     if importer._is_parquet_source(config.src):
-        files = storage.list_files(config.src, suffix=PARQUET_SUFFIX)
-        return [Unit(i, "parquet", [f]) for i, f in enumerate(files)], []
-    images = [f for f in storage.list_files(config.src) if f.lower().endswith(importer.IMAGE_SUFFIXES)]
-    if not images:
+        sizes = storage.list_file_sizes(config.src, suffix=PARQUET_SUFFIX)
+        return [Unit(i, "parquet", [f], size) for i, (f, size) in enumerate(sizes.items())], []
+    sizes = {f: n for f, n in storage.list_file_sizes(config.src).items() if f.lower().endswith(importer.IMAGE_SUFFIXES)}
+    if not sizes:
         raise importer.DatasetError(f"{config.src}: no images, Parquet files or tar shards there")
+    images = list(sizes)
     chunks = [images[i : i + FOLDER_UNIT_IMAGES] for i in range(0, len(images), FOLDER_UNIT_IMAGES)]
-    return [Unit(i, "folder", chunk) for i, chunk in enumerate(chunks)], []
+    return [Unit(i, "folder", chunk, sum(sizes[f] for f in chunk)) for i, chunk in enumerate(chunks)], []
+
+
+def group_units(units: list[Unit], workers: int) -> list[list[Unit]]:
+    """Consecutive units as tasks of about equal input: as many as there are ``TASK_INPUT_BYTES``
+    of input, and at least ``TASKS_PER_WORKER`` per worker (so that the last ones balance),
+    never more than there are units."""
+    total = sum(unit.size for unit in units)
+    count = min(len(units), max(workers * TASKS_PER_WORKER, math.ceil(total / TASK_INPUT_BYTES)))
+    if not total:
+        return [[unit] for unit in units]
+    tasks: list[list[Unit]] = [[]]
+    done = 0
+    for unit in units:
+        if tasks[-1] and done >= len(tasks) * total / count:  # this task has its share: start the next
+            tasks.append([])
+        tasks[-1].append(unit)
+        done += unit.size
+    return tasks
 
 
 def marker_uri(out: str, index: int) -> str:
@@ -136,7 +170,11 @@ def delete_partial_output(out: str, pending: list[Unit]) -> int:
 
 
 def convert_unit(unit: Unit, config: RayImportConfig, extras: list[pa.Field]) -> dict:
-    """Convert one unit (a task): write its files, then its marker. Returns the marker's content."""
+    """Convert one unit: write its files, then its marker. Returns the marker's content. A unit
+    that already has its marker (its task failed later, and Ray runs the task again) is not redone."""
+    marker = marker_uri(config.out, unit.index)
+    if storage.exists(marker):
+        return json.loads(storage.read_bytes(marker))
     prefix = _unit_prefix(unit.index)
     schema = with_extra_columns(extras)
     skipped: collections.Counter = collections.Counter()
@@ -170,7 +208,7 @@ def convert_unit(unit: Unit, config: RayImportConfig, extras: list[pa.Field]) ->
     if pending:
         flush()
     done = {"unit": unit.index, "inputs": unit.files, "files": files, "rows": rows_written, "skipped": dict(skipped)}
-    storage.write_bytes(marker_uri(config.out, unit.index), json.dumps(done).encode())  # last: the unit is complete
+    storage.write_bytes(marker, json.dumps(done).encode())  # last: the unit is complete
     return done
 
 
@@ -178,8 +216,9 @@ def _convert_block(block: dict, *, config: RayImportConfig, extras: list[pa.Fiel
     import numpy as np
 
     results = []
-    for index, kind, files in zip(block["index"], block["kind"], block["files"]):
-        results.append(convert_unit(Unit(int(index), str(kind), [str(f) for f in files]), config, extras))
+    for task in block["units"]:
+        for unit in json.loads(task):
+            results.append(convert_unit(Unit(**unit), config, extras))
     return {"marker": np.array([json.dumps(r) for r in results], dtype=object)}
 
 
@@ -203,13 +242,22 @@ def ray_import(config: RayImportConfig) -> ImportReport:
     if pending:
         if not ray.is_initialized():  # RAY_ADDRESS's cluster, else a new local one: a bare ray.init()
             # would join the last Ray this machine recorded, which may be gone (it then hangs).
-            ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
+            from dalle2.data.ray_reader import LOCAL_RAY_SYSTEM_CONFIG  # workers kept through pauses
+
+            address = os.environ.get("RAY_ADDRESS")
+            ray.init(address=address) if address else ray.init(address="local", _system_config=dict(LOCAL_RAY_SYSTEM_CONFIG))
         workers = config.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        items = [{"index": u.index, "kind": u.kind, "files": u.files} for u in pending]
+        tasks = group_units(pending, workers)
+        log.info("converting %d units in %d tasks, %d at once", len(pending), len(tasks), workers)
+        items = [{"units": json.dumps([asdict(unit) for unit in task])} for task in tasks]
         results = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             _convert_block, batch_format="numpy", batch_size=None, num_cpus=config.cpus_per_task,
             compute=ray.data.TaskPoolStrategy(size=workers), fn_kwargs={"config": config, "extras": extras},
         )  # fmt: skip
+        # One operator whose outputs are markers of a few hundred bytes: Ray Data's per-operator
+        # reservation has nothing to share out, and it held the job to one task until its first
+        # look at the cluster's resources a second later (10% of a 10 s import on 2 cores).
+        results.context.op_resource_reservation_enabled = False
         for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
             for marker in batch["marker"]:
                 result = json.loads(marker)
