@@ -69,6 +69,11 @@ def quality_lines(reports: dict[str, dict[str, Any]]) -> list[str]:
         lines.append("".join(f"{c:>20}" for c in [label, *cells, verdict]))
     scores = [f"{r['generation']['clip_score']:.3f}" if r.get("generation") else "-" for r in reports.values()]
     lines.append("".join(f"{c:>20}" for c in ["CLIP score", *scores, ""]))
+    # What CLIP itself tells apart: the decoder draws from CLIP's image embedding (and the caption),
+    # and an attribute CLIP has not learned yet (position, after too few CLIP steps) it drew badly.
+    known = [" ".join(f"{r['clip']['zero_shot'][n]:.2f}" for n in ("color", "shape", "position")) if "zero_shot" in r.get("clip", {}) else "-"
+             for r in reports.values()]  # fmt: skip
+    lines.append("".join(f"{c:>20}" for c in ["zero-shot c/s/p", *known, "CLIP alone"]))
     return lines
 
 

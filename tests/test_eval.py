@@ -143,6 +143,9 @@ def test_clip_score_prior_cosine_and_retrieval_golden():
     assert scores["text_to_image_top1"] == pytest.approx(2 / 3)
     assert scores["text_to_image_top1_same_labels"] == 1.0
     assert scores["chance_top1"] == pytest.approx(1 / 3)
+    # Zero-shot: image 0 is nearest its candidate 1, image 1 its candidate 0.
+    choices = torch.tensor([[[0.0, 1.0], [1.0, 0.0]], [[0.0, 1.0], [1.0, 0.2]]])
+    assert metrics.zero_shot_accuracy(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), choices, truth=[1, 1]) == 0.5
 
 
 def test_samplers_parse_and_stage_options_fall_back_to_generates_defaults():
@@ -201,7 +204,9 @@ def test_eval_command_reports_every_field(tmp_path, cascade, train_shapes):
     report = json.loads((out / "report.json").read_text())
     assert report["data"]["held_out_rows"] == 8 and report["data"]["label_columns"] == list(shapes.LABEL_COLUMNS)
     assert [b["kind"] for b in report["bundles"]] == ["clip", "prior", "decoder", "upsampler_256"]
-    assert set(report["clip"]) == {f"{d}_top{k}" for d in ("text_to_image", "image_to_text") for k in (1, 5)} | {"chance_top1", "text_to_image_top1_same_labels"}
+    retrieval = {f"{d}_top{k}" for d in ("text_to_image", "image_to_text") for k in (1, 5)}
+    assert set(report["clip"]) == retrieval | {"chance_top1", "text_to_image_top1_same_labels", "zero_shot"}
+    assert set(report["clip"]["zero_shot"]) == set(shapes.LABEL_COLUMNS)
     assert set(report["prior"]) == {"cosine", "baseline_text_embedding", "baseline_mean_image_embedding", "beats_baselines"}
     generation = report["generation"]
     assert generation["conditioning"] == "prior" and generation["image_size"] == 64 and generation["images"] == 8

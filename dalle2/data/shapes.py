@@ -118,6 +118,7 @@ def held_out_caption(labels: dict[str, str], key: str, seed: int = 0) -> str:
 
 
 LABEL_COLUMNS = ("shape", "color", "size", "position", "background")
+LABEL_VALUES = {"shape": SHAPES, "color": tuple(COLORS), "size": tuple(SIZES), "position": tuple(POSITIONS), "background": tuple(BACKGROUNDS)}
 SHAPES_SCHEMA = with_extra_columns([pa.field(name, pa.string()) for name in LABEL_COLUMNS])
 
 POSITION_JITTER = 0.02  # fraction of the side; keeps every shape inside its third of the image

@@ -37,6 +37,14 @@ def retrieval(
     return metrics
 
 
+def zero_shot_accuracy(image_embeds: torch.Tensor, choice_embeds: torch.Tensor, truth: Sequence[int]) -> float:
+    """CLIP's zero-shot classification: the share of images [N, D] whose most similar of their
+    own candidate captions [N, V, D] (cosine) is the true one, ``truth[n]`` of V."""
+    images, choices = F.normalize(image_embeds.float(), dim=-1), F.normalize(choice_embeds.float(), dim=-1)
+    best = torch.einsum("nd,nvd->nv", images, choices).argmax(1)
+    return float((best == torch.as_tensor(list(truth))).float().mean())
+
+
 def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean over rows of cos(a_i, b_i); ``b`` may be one row [D] shared by all."""
     b = b.expand_as(a) if b.dim() == 1 else b
