@@ -3,9 +3,9 @@
     report = ray_import(RayImportConfig(src="s3://b/laion/{00000..09999}.tar", out="s3://b/laion-pq", workers=64))
 
 The input is cut into *units*: a tar shard, a Parquet file, or a chunk of a folder's images.
-A task converts a run of consecutive units (:func:`group_units`: at least ``TASK_INPUT_BYTES`` of
-input, so that small shards do not cost a task each, yet several tasks per worker). For each
-unit it reads the unit's rows, decodes each image once (and, with
+A task converts a run of consecutive units (:func:`group_units`: about ``TASK_INPUT_BYTES`` of
+input each, so that small shards do not cost a task each, yet several tasks per worker). For
+each unit it reads the unit's rows, decodes each image once (and, with
 ``max_side``, shrinks it so that its longer side is at most that), and writes them as Parquet
 files ``part-<unit>-<n>.parquet`` of ``rows_per_file`` rows; then, last, a marker
 ``_done/unit-<unit>.json`` with the unit's files, rows and skips. A rerun skips every unit with
@@ -82,7 +82,6 @@ class Unit:
 def plan_units(config: RayImportConfig) -> tuple[list[Unit], list[pa.Field]]:
     """The units of the input and the extra columns (from the first WebDataset sample with a
     ``.json``); raises before any task for input that cannot be used."""
-
     from dalle2.data.webdataset import TAR_SUFFIX, is_webdataset_source, shard_uris
 
     if is_webdataset_source(config.src):
@@ -109,9 +108,9 @@ def group_units(units: list[Unit], workers: int) -> list[list[Unit]]:
     of input, and at least ``TASKS_PER_WORKER`` per worker (so that the last ones balance),
     never more than there are units."""
     total = sum(unit.size for unit in units)
-    count = min(len(units), max(workers * TASKS_PER_WORKER, math.ceil(total / TASK_INPUT_BYTES)))
     if not total:
         return [[unit] for unit in units]
+    count = min(len(units), max(workers * TASKS_PER_WORKER, math.ceil(total / TASK_INPUT_BYTES)))
     tasks: list[list[Unit]] = [[]]
     done = 0
     for unit in units:
@@ -245,7 +244,10 @@ def ray_import(config: RayImportConfig) -> ImportReport:
             from dalle2.data.ray_reader import LOCAL_RAY_SYSTEM_CONFIG  # workers kept through pauses
 
             address = os.environ.get("RAY_ADDRESS")
-            ray.init(address=address) if address else ray.init(address="local", _system_config=dict(LOCAL_RAY_SYSTEM_CONFIG))
+            if address:
+                ray.init(address=address)
+            else:  # (a _system_config is refused when joining a running cluster)
+                ray.init(address="local", _system_config=dict(LOCAL_RAY_SYSTEM_CONFIG))
         workers = config.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         tasks = group_units(pending, workers)
         log.info("converting %d units in %d tasks, %d at once", len(pending), len(tasks), workers)
