@@ -128,7 +128,7 @@ def _deploy(config: dict, bundles: str, **args: Any) -> None:
     serve.run(app_from_config(config, {"bundles": bundles, **args}), name=APP, route_prefix="/", blocking=False)
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
@@ -184,7 +184,7 @@ def measure_latency(settings: BenchSettings, bundles: str) -> dict[str, Any]:
         in_stages.append(sum(float(part.split("dur=")[1].split(";")[0]) for part in response.headers["Server-Timing"].split(", ")) / 1000)
     p50_local, p50_http = statistics.median(local), statistics.median(served)
     return {
-        "in_process_p50_s": p50_local, "http_p50_s": p50_http, "http_p95_s": _percentile(served, 0.95),
+        "in_process_p50_s": p50_local, "http_p50_s": p50_http, "http_p95_s": percentile(served, 0.95),
         "http_time_in_stages_p50_s": statistics.median(in_stages), "ratio": p50_http / p50_local,
     }  # fmt: skip
 
@@ -327,9 +327,9 @@ def measure_overload(settings: BenchSettings, deadline_s: float) -> dict[str, An
         "requests": total, "outcomes": outcomes, "all_clean": clean == total, "slowest_request_s": slowest[0],
         # the ingress answers at the deadline; the answer then needs its HTTP trip back (1 s allowed)
         "deadline_s": deadline_s, "within_deadline": slowest[0] <= deadline_s + 1.0,
-        "healthz_idle_p50_ms": 1000 * _percentile(idle, 0.5), "healthz_idle_p99_ms": 1000 * _percentile(idle, 0.99),
-        "healthz_probes": len(healthz), "healthz_p50_ms": 1000 * _percentile(healthz, 0.5),
-        "healthz_p99_ms": 1000 * _percentile(healthz, 0.99), "healthz_max_ms": 1000 * max(healthz),
+        "healthz_idle_p50_ms": 1000 * percentile(idle, 0.5), "healthz_idle_p99_ms": 1000 * percentile(idle, 0.99),
+        "healthz_probes": len(healthz), "healthz_p50_ms": 1000 * percentile(healthz, 0.5),
+        "healthz_p99_ms": 1000 * percentile(healthz, 0.99), "healthz_max_ms": 1000 * max(healthz),
     }  # fmt: skip
 
 

@@ -10,7 +10,7 @@ import statistics
 import time
 from typing import Any, Callable
 
-from serve.bench import _percentile
+from serve.bench import percentile
 
 # The fields a body sets to get the old defaults back; the new ones are what a body leaves out.
 OLD_DEFAULTS = {
@@ -38,7 +38,7 @@ def measure_defaults(requests: int, post: Callable[[dict], Any]) -> dict[str, An
         "new_defaults": {stage: f"{getattr(new, stage).sampler} {getattr(new, stage).steps}" for stage in ("prior", "decoder", "upsampler")},
         "old_defaults": {stage: f"{OLD_DEFAULTS[stage + '_sampler']} {OLD_DEFAULTS[stage + '_steps']}" for stage in ("prior", "decoder", "upsampler")},
         **{f"{kind}_p50_s": statistics.median(values) for kind, values in times.items()},
-        **{f"{kind}_p95_s": _percentile(values, 0.95) for kind, values in times.items()},
+        **{f"{kind}_p95_s": percentile(values, 0.95) for kind, values in times.items()},
         "speedup_p50": statistics.median(times["old"]) / statistics.median(times["new"]),
     }  # fmt: skip
 

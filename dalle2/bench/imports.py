@@ -80,11 +80,9 @@ def run_import_bench(settings: ImportBenchSettings, log: Optional[Callable[[str]
     say = log or (lambda message: None)
     started_ray = not ray.is_initialized()
     if started_ray:
-        from dalle2.data.ray_reader import LOCAL_RAY_SYSTEM_CONFIG  # Ray's workers not stopped between rounds
+        from dalle2.data.ray_reader import init_ray
 
-        address = os.environ.get("RAY_ADDRESS")  # else a new local Ray, never a stale recorded one
-        local = {"address": "local", "include_dashboard": False, "_system_config": dict(LOCAL_RAY_SYSTEM_CONFIG)}
-        ray.init(**({"address": address} if address else local))
+        init_ray(include_dashboard=False)  # a local Ray keeps its workers between rounds
     try:
         workers = settings.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         with tempfile.TemporaryDirectory(prefix="dalle2-bench-import-") as workdir:

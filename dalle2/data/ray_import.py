@@ -25,7 +25,6 @@ from __future__ import annotations
 import collections
 import io
 import json
-import os
 import logging
 import math
 import posixpath
@@ -239,15 +238,10 @@ def ray_import(config: RayImportConfig) -> ImportReport:
     if stale:
         log.warning("deleted %d Parquet files that an interrupted import left of units without a marker", stale)
     if pending:
-        if not ray.is_initialized():  # RAY_ADDRESS's cluster, else a new local one: a bare ray.init()
-            # would join the last Ray this machine recorded, which may be gone (it then hangs).
-            from dalle2.data.ray_reader import LOCAL_RAY_SYSTEM_CONFIG  # workers kept through pauses
+        if not ray.is_initialized():
+            from dalle2.data.ray_reader import init_ray
 
-            address = os.environ.get("RAY_ADDRESS")
-            if address:
-                ray.init(address=address)
-            else:  # (a _system_config is refused when joining a running cluster)
-                ray.init(address="local", _system_config=dict(LOCAL_RAY_SYSTEM_CONFIG))
+            init_ray()  # RAY_ADDRESS's cluster, else a local one that keeps its workers
         workers = config.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         tasks = group_units(pending, workers)
         log.info("converting %d units in %d tasks, %d at once", len(pending), len(tasks), workers)

@@ -126,6 +126,20 @@ def check_dataset(path: str, columns: tuple[str, ...] = TRAINING_COLUMNS) -> tup
 LOCAL_RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
 
 
+def init_ray(**local_options) -> None:
+    """Join the cluster of ``RAY_ADDRESS``, else start a new local Ray with
+    :data:`LOCAL_RAY_SYSTEM_CONFIG` and ``local_options``. Never a bare ``ray.init()``: that joins
+    the last Ray this machine recorded, which may be gone (it then hangs); and Ray refuses a
+    ``_system_config`` when joining a running cluster."""
+    import os
+
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(address="local", _system_config=dict(LOCAL_RAY_SYSTEM_CONFIG), **local_options)
+
+
 @ray.remote(num_cpus=0)
 class DroppedRows:
     """Totals, by reason, of the rows that map tasks dropped (one actor per TrainingData).
