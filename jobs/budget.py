@@ -25,15 +25,16 @@ from typing import Callable, Mapping, Optional
 
 # The reference: `dalle2 demo` on the 2-core CPU machine (Intel Xeon, run with
 # ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 so that its kernels are those of the slower
-# AVX2-only kind), quiet, 2026-12-07. A stage's wall time there is `fixed` + steps x `step`: `fixed`
-# is what does not grow with the steps (Ray Train's start, the workers' DeepSpeed and data set-up,
-# the last validation, sample grid and checkpoint, the export), `step` the loop's seconds per step
-# with its periodic validation and checkpoints (their cadence follows the steps: loop_overrides).
-# Both from each run's metrics.csv (`elapsed_s` at the last step) against the stage's wall time
-# (CLIP 297 s for 800 steps, prior 114 s / 432, decoder 1,460 s / 1,245, upsampler 128 s / 250).
-# `bare` is dalle2.train.step_timing.bare_step_seconds of the same job config at the start of the
-# same run (fastest of 5 steps, 1 thread). On another machine a stage's times are the reference's
-# x (bare measured there / bare here).
+# AVX2-only kind), quiet, 2026-12-07 (run 4 in the README). A stage's wall time there is `fixed` +
+# steps x `step`: `fixed` is what does not grow with the steps (Ray Train's start, the workers'
+# DeepSpeed and data set-up, the last validation, sample grid and checkpoint, the export), `step`
+# the loop's seconds per step with its periodic validation and checkpoints (their cadence follows
+# the steps: loop_overrides). Both from each run's metrics.csv (`elapsed_s` at the last step)
+# against the stage's wall time (CLIP 486 s for 1,200 steps, prior 119 s / 403, decoder 1,005 s /
+# 1,235, upsampler 140 s / 250). `bare` is dalle2.train.step_timing.bare_step_seconds of the same
+# job config at the start of the same run (fastest of 5 steps, 1 thread). On another machine a
+# stage's times are the reference's x (bare measured there / bare here). The loop's step is 1.8-2.8x
+# a bare one: the cheaper the step, the larger the share of the job's own per-step work.
 @dataclass(frozen=True)
 class Reference:
     step: float
@@ -42,12 +43,12 @@ class Reference:
 
 
 REFERENCE = {
-    "clip": Reference(step=0.340, fixed=25.0, bare=0.195),
-    "prior": Reference(step=0.174, fixed=39.0, bare=0.076),
-    "decoder": Reference(step=1.146, fixed=33.0, bare=0.724),
-    "upsampler": Reference(step=0.341, fixed=43.0, bare=0.168),
+    "clip": Reference(step=0.377, fixed=33.0, bare=0.183),
+    "prior": Reference(step=0.184, fixed=45.0, bare=0.066),
+    "decoder": Reference(step=0.789, fixed=31.0, bare=0.432),
+    "upsampler": Reference(step=0.360, fixed=50.0, bare=0.166),
 }
-EMBED_REFERENCE_S = 41.0  # the embed stage there (8,192 rows); it runs CLIP, so it scales like the clip stage
+EMBED_REFERENCE_S = 44.0  # the embed stage there (8,192 rows); it runs CLIP, so it scales like the clip stage
 
 
 @dataclass(frozen=True)
@@ -186,8 +187,11 @@ class Budget:
             if steps != self.planned[stage]:
                 say(f"budget: {stage} {self.planned[stage]} -> {steps} steps (the stages so far took {slowdown:.2f}x their "
                     f"estimate; {_minutes(remaining)} left): {plan.explanation}")  # fmt: skip
-                self.estimated[stage] = stage_fixed[stage] + steps * rates[stage]
-            self.planned[stage] = steps
+            # Every stage still to run takes this plan, so that the next re-plan compares with what
+            # was last said (a stage cut here and given its steps back later says so) and the
+            # closing lines set each stage against its latest estimate.
+            for later in plan.stages:
+                self.planned[later.stage], self.estimated[later.stage] = later.planned, later.seconds
         return self.planned[stage]
 
     def record(self, stage: str, seconds: float, steps: int = 0) -> None:

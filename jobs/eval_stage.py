@@ -69,6 +69,10 @@ def quality_lines(reports: dict[str, dict[str, Any]]) -> list[str]:
         lines.append("".join(f"{c:>20}" for c in [label, *cells, verdict]))
     scores = [f"{r['generation']['clip_score']:.3f}" if r.get("generation") else "-" for r in reports.values()]
     lines.append("".join(f"{c:>20}" for c in ["CLIP score", *scores, ""]))
+    # Do a caption's seeds differ? Their mean pixel difference over the dataset's own for one caption.
+    spreads = [(r.get("generation") or {}).get("seed_spread") or {} for r in reports.values()]
+    ratios = [f"{s['ratio']:.2f}" if s.get("ratio") is not None else "-" for s in spreads]
+    lines.append("".join(f"{c:>20}" for c in ["seeds vs data", *ratios, "1 = as varied"]))
     # What CLIP itself tells apart: the decoder draws from CLIP's image embedding (and the caption),
     # and an attribute CLIP has not learned yet (position, after too few CLIP steps) it drew badly.
     known = [" ".join(f"{r['clip']['zero_shot'][n]:.2f}" for n in ("color", "shape", "position")) if "zero_shot" in r.get("clip", {}) else "-"

@@ -93,6 +93,22 @@ def test_the_plan_is_made_again_when_a_stage_ran_slower_than_estimated():
     assert any(line.split()[0] == "clip" and "planned 1200 steps" in line and "ran 1200 steps in 11.9 min" in line for line in closing)
 
 
+def test_a_stage_cut_by_one_re_plan_and_given_steps_back_by_the_next_says_so():
+    budget = Budget(30 * 60, REFERENCE_RATES, CONFIGURED, FLOORS)
+    budget.steps_for("clip", print)
+    budget.record("clip", 1.3 * 356, 1200)  # CLIP slower than estimated: the prior and the decoder are cut
+    said = []
+    prior = budget.steps_for("prior", said.append)
+    cut = budget.planned["decoder"]
+    assert prior < CONFIGURED["prior"] and FLOORS["decoder"] <= cut < CONFIGURED["decoder"]
+    budget.record("prior", 20, prior)  # then the prior much faster: the decoder gets its steps back
+    decoder = budget.steps_for("decoder", said.append)
+    assert decoder > cut and said[-1].startswith(f"budget: decoder {cut} -> {decoder} steps")
+    budget.record("decoder", 1073, decoder)
+    closing = budget.closing_lines()
+    assert any(line.split()[0] == "decoder" and f"planned {decoder} steps, " in line and "ran 1600 steps in 17.9 min" in line for line in closing)
+
+
 def test_measure_budget_scales_the_warm_up_by_the_reference_ratio():
     from dalle2.train.config import load_job_config
 
@@ -128,13 +144,13 @@ def test_dalle2_demo_budget_minutes_reaches_the_plan(tmp_path, monkeypatch, capf
 
     monkeypatch.setattr(jobs.stages, "start_ray", stop)
     monkeypatch.setattr("ray.is_initialized", lambda: False)
-    # There the configured steps need 3x the reference's time and the floors too; 115 min lies between.
+    # There the configured steps need 3x the reference's time and the floors too; 95 min lies between.
     def minutes(steps: dict) -> float:
         return 3 * (EMBED_REFERENCE_S + sum(REFERENCE[s].fixed + n * REFERENCE[s].step for s, n in steps.items())) / 60
 
-    assert minutes(FLOORS | {"upsampler": 250}) < 115 < minutes(CONFIGURED)
-    assert cli.main(["demo", "--budget-minutes", "115", "--workdir", str(tmp_path)]) == 1
+    assert minutes(FLOORS | {"upsampler": 250}) < 95 < minutes(CONFIGURED)
+    assert cli.main(["demo", "--budget-minutes", "95", "--workdir", str(tmp_path)]) == 1
     out = capfd.readouterr().out
-    assert f"budget: 115.0 min of training; the configured steps need about {minutes(CONFIGURED):.1f} min" in out
+    assert f"budget: 95.0 min of training; the configured steps need about {minutes(CONFIGURED):.1f} min" in out
     assert "decoder    " in out and "(configured 1600, floor 1200)" in out
     assert "upsampler  250 steps, about" in out  # its floor is its configured steps: never cut

@@ -196,6 +196,33 @@ def test_held_out_rows_are_the_training_validation_split(train_shapes):
     assert seen.keys == [str(k) for k in trained["key"]]
 
 
+def test_seed_spread_reads_copies_as_zero_and_the_datas_own_spread_as_one():
+    torch.manual_seed(0)
+    first = torch.rand(4, 3, 8, 8) * 2 - 1
+    copies = metrics.seed_spread(first, first.clone(), (first, first + 0.2))
+    assert copies["seeds"] == 0.0 and copies["ratio"] == 0.0 and copies["data"] == pytest.approx(0.1) and copies["pairs"] == 4
+    assert copies["different_captions"] == pytest.approx(((first - first.roll(1, 0)).abs().mean() / 2).item())
+    shifted = metrics.seed_spread(first, first + 0.2, (first, first - 0.2))
+    assert shifted["seeds"] == pytest.approx(0.1) and shifted["ratio"] == pytest.approx(1.0)
+    assert metrics.seed_spread(first, first + 0.4)["ratio"] is None  # no dataset yardstick given
+    with pytest.raises(ValueError, match="two image sets"):
+        metrics.seed_spread(first, first[:2])
+
+
+def test_the_dataset_draws_a_caption_twice_with_its_own_jitter():
+    labels = [dict(shape="square", color="red", size="large", position="top left", background="white"),
+              dict(shape="circle", color="blue", size="large", position="center", background="black")]  # fmt: skip
+    one, two = shapes.draw_twice(labels, 32)
+    assert one.shape == two.shape == (2, 32, 32, 3) and one.dtype == np.uint8
+    assert not np.array_equal(one, two)  # the jitter differs between draws...
+    same = shapes.draw_twice(labels, 32)
+    assert np.array_equal(same[0], one) and np.array_equal(same[1], two)  # ...and is a function of the seed
+    # ...while the checker reads both draws as the labels (only the jitter moved)
+    for draws in (one, two):
+        read = [read_attributes(d) for d in draws]
+        assert [(r["shape"], r["position"]) for r in read] == [("square", "top left"), ("circle", "center")]
+
+
 def test_eval_command_reports_every_field(tmp_path, cascade, train_shapes):
     out = tmp_path / "eval"
     argv = ["eval", "--bundles", cascade, "--data", train_shapes, "--out", str(out), "--count", "8", "--steps", "2",
@@ -213,6 +240,8 @@ def test_eval_command_reports_every_field(tmp_path, cascade, train_shapes):
     for name in ("clip_score", "clip_score_real", "clip_fid", "clip_fid_real_halves"):
         assert isinstance(generation[name], float) and math.isfinite(generation[name]), name
     assert "Inception" in generation["fid_features"] and len(generation["captions_in_samples"]) == 8
+    spread = generation["seed_spread"]  # the first 8 rows (all of them here) drawn again with another seed
+    assert spread["pairs"] == 8 and spread["seeds"] > 0 and spread["data"] > 0 and spread["ratio"] == pytest.approx(spread["seeds"] / spread["data"])
     for which in ("generated", "real"):
         assert set(report["shapes_checker"][which]) == {*shapes.LABEL_COLUMNS, "shape_color_position"}
     assert report["shapes_checker"]["real"]["shape_color_position"] == 1.0  # the checker itself is right

@@ -17,7 +17,9 @@ from jobs.stages import PipelineConfig, StageSpec
 def _report(shape: float, clip_score: float = 0.9) -> dict:
     accuracy = {"color": 1.0, "shape": shape, "position": 0.95, "size": 1.0, "background": 1.0, "shape_color_position": shape * 0.95}
     zero_shot = {"color": 1.0, "shape": 0.97, "position": 0.49, "size": 1.0, "background": 1.0}
-    return {"shapes_checker": {"generated": accuracy}, "generation": {"clip_score": clip_score}, "clip": {"zero_shot": zero_shot}}
+    spread = {"pairs": 32, "seeds": 0.02, "different_captions": 0.2, "data": 0.025, "ratio": 0.8}
+    generation = {"clip_score": clip_score, "seed_spread": spread}
+    return {"shapes_checker": {"generated": accuracy}, "generation": generation, "clip": {"zero_shot": zero_shot}}
 
 
 def test_quality_lines_put_each_phrasing_beside_the_targets():
@@ -28,6 +30,7 @@ def test_quality_lines_put_each_phrasing_beside_the_targets():
     assert by_name["shape"].split()[1:3] == ["0.85", "0.55"] and by_name["shape"].endswith("NOT MET")  # one phrasing below
     assert "0.800" in by_name["CLIP"] and "all three right" in lines[4]
     assert by_name["zero-shot"].split()[2:5] == ["1.00", "0.97", "0.49"]  # what CLIP tells apart: color, shape, position
+    assert by_name["seeds"].split()[3:5] == ["0.80", "0.80"]  # a caption's seeds differ 0.8x as much as the data's draws
 
 
 def test_eval_stage_scores_each_phrasing_and_reads_it_back(tmp_path, capsys):

@@ -146,13 +146,28 @@ def sample_scene(seed: int, index: int) -> Scene:
     size = list(SIZES)[rng.integers(len(SIZES))]
     position = list(POSITIONS)[rng.integers(len(POSITIONS))]
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
-    (x, y), _ = POSITIONS[position]
-    dx, dy = rng.uniform(-POSITION_JITTER, POSITION_JITTER, size=2)
-    scale = rng.uniform(1 - SIZE_JITTER, 1 + SIZE_JITTER)
     labels = {"shape": shape, "color": color, "size": size, "position": position, "background": background}
     # The phrasing's own stream: the scenes (and so the images) do not depend on how they are said.
     text = caption(labels, "seen", np.random.default_rng([seed, index, 1]))
-    return Scene(shape, color, size, position, background, text, (x + dx, y + dy), SIZES[size] * scale)
+    return jittered_scene(labels, rng, text)
+
+
+def jittered_scene(labels: dict[str, str], rng: np.random.Generator, text: str = "") -> Scene:
+    """A scene of ``labels`` (LABEL_COLUMNS -> value) placed and sized with jitter from ``rng``:
+    drawing twice gives two images the dataset could hold for one caption (what tells a
+    generator's seeds apart from copies, dalle2.eval)."""
+    (x, y), _ = POSITIONS[labels["position"]]
+    dx, dy = rng.uniform(-POSITION_JITTER, POSITION_JITTER, size=2)
+    scale = rng.uniform(1 - SIZE_JITTER, 1 + SIZE_JITTER)
+    center, diameter = (x + dx, y + dy), SIZES[labels["size"]] * scale
+    return Scene(labels["shape"], labels["color"], labels["size"], labels["position"], labels["background"], text, center, diameter)
+
+
+def draw_twice(labels: list[dict[str, str]], image_size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two images (uint8 [N, S, S, 3] each) the dataset could hold for each row's labels: what a
+    generator's seeds for one caption are measured against (dalle2.eval.metrics.seed_spread)."""
+    draws = [[np.asarray(render(jittered_scene(row, np.random.default_rng([seed, i, j])), image_size)) for i, row in enumerate(labels)] for j in (0, 1)]
+    return np.stack(draws[0]), np.stack(draws[1])
 
 
 def _polygon(scene: Scene, side: float) -> list[tuple[float, float]] | None:

@@ -2,7 +2,7 @@
 
     dalle2 eval --bundles DIR --data URI [--out DIR] [--count N] [--steps N|prior=N,decoder=N,upsampler=N]
                 [--sampler NAME|prior=NAME,decoder=NAME,upsampler=NAME]
-                [--seed S] [--validation-fraction F] [--phrasing dataset|plain|held-out] [--decode-from prior|image] [--free-upsampling] [--json]
+                [--seed S] [--seed-pairs N] [--validation-fraction F] [--phrasing dataset|plain|held-out] [--decode-from prior|image] [--free-upsampling] [--json]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         samplers=Samplers.parse(args.sampler), seed=args.seed, validation_fraction=args.validation_fraction, split=args.split, prior_guidance=args.prior_guidance,
         decoder_guidance=args.decoder_guidance, batch_size=args.batch_size, device=args.device,
         decode_from=args.decode_from, low_res_consistency=not args.free_upsampling,
-        precision=None if args.precision == "auto" else args.precision, phrasing=args.phrasing,
+        precision=None if args.precision == "auto" else args.precision, phrasing=args.phrasing, seed_pairs=args.seed_pairs,
     )  # fmt: skip
     progress = None if args.quiet else (lambda message: print(f"  {message}", file=sys.stderr, flush=True))
     if args.quiet:
@@ -47,6 +47,11 @@ def add_eval_commands(commands: argparse._SubParsersAction) -> None:
         help="sampler: dpmpp_2m, ddim or ddpm for every stage, or prior=NAME,decoder=NAME,upsampler=NAME (default: dalle2 generate's)",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed-pairs", type=int, default=32,
+        help="generate the first N rows again with another seed and report how much a caption's seeds differ, "
+        "beside the dataset's own spread for one caption on the shapes dataset (default 32; 0 = skip)",
+    )  # fmt: skip
     parser.add_argument("--validation-fraction", type=float, default=0.05, help="the training jobs' data.validation_fraction (default 0.05)")
     parser.add_argument(
         "--split", choices=("validation", "train"), default="validation",

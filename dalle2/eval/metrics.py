@@ -4,6 +4,7 @@
     prior_cosine       prior: predicted vs true CLIP image embedding, beside two baselines
     clip_score         generated image vs its caption, in CLIP space
     frechet_distance   generated vs real image features (FID's formula on our CLIP's features)
+    seed_spread        two seeds' images of one caption: how far apart, beside the data's own spread
 
 Embeddings are torch tensors [N, D] as the models return them (not normalised); every
 cosine is taken here.
@@ -11,7 +12,7 @@ cosine is taken here.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -115,3 +116,30 @@ def clip_features(embeds: torch.Tensor) -> torch.Tensor:
     """The features the Frechet distance uses: L2-normalised CLIP image embeddings, so the
     distance measures where images lie in CLIP space, not how long CLIP's vectors are."""
     return F.normalize(embeds.float(), dim=-1)
+
+
+def _mean_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().mean() / 2).item()  # images in [-1, 1]: a difference in [0, 1]
+
+
+def seed_spread(first: torch.Tensor, second: torch.Tensor, data_pairs: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> dict[str, Any]:
+    """How much two seeds' images [N, 3, S, S] of the same N captions differ: the mean absolute
+    pixel difference (0 = copies, 1 = black against white), beside two yardsticks:
+
+    - ``different_captions``: each first image against the next row's, the spread across prompts;
+    - ``data`` (given ``data_pairs``, two images the dataset could hold for each caption): the
+      spread the training data itself has within one caption, so ``ratio`` = seeds / data reads
+      as "seeds differ as much as the data does" at 1, near copies near 0."""
+    if first.shape != second.shape or len(first) < 2:
+        raise ValueError(f"need two image sets of one shape [N >= 2, ...], got {tuple(first.shape)} and {tuple(second.shape)}")
+    spread: dict[str, Any] = {
+        "pairs": len(first),
+        "seeds": _mean_abs(first, second),
+        "different_captions": _mean_abs(first, first.roll(1, dims=0)),
+        "data": None,
+        "ratio": None,
+    }
+    if data_pairs is not None:
+        spread["data"] = _mean_abs(*data_pairs)
+        spread["ratio"] = spread["seeds"] / spread["data"] if spread["data"] > 0 else None
+    return spread

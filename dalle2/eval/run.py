@@ -38,7 +38,7 @@ from dalle2.clip import Clip, TextEncoding, tokenize
 from dalle2.data import storage
 from dalle2.data.preprocess import decode_image, preprocess_batch, to_model_images
 from dalle2.data.schema import TRAINING_COLUMNS, check_columns, dataset_files, read_schema
-from dalle2.data.shapes import LABEL_COLUMNS, LABEL_VALUES, PHRASINGS, caption, held_out_caption
+from dalle2.data.shapes import LABEL_COLUMNS, LABEL_VALUES, PHRASINGS, caption, draw_twice, held_out_caption
 from dalle2.eval import metrics
 from dalle2.eval.shapes_checker import read_attributes
 from dalle2.eval.stage_options import Samplers, Steps, stage_options
@@ -86,6 +86,9 @@ class EvalSettings:
     # The captions: the rows' own ("dataset"), or rewritten from the shapes dataset's labels in
     # its plain form or in phrasings no training row uses ("held-out"; dalle2.data.shapes).
     phrasing: str = "dataset"
+    # The first rows generated again with another seed: do a caption's seeds differ, and as much
+    # as the dataset's own images of one caption do (metrics.seed_spread)? 0 = not measured.
+    seed_pairs: int = 32
 
     def __post_init__(self) -> None:
         if self.count < 2 or self.batch_size < 1:
@@ -114,6 +117,10 @@ class HeldOut:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def head(self, n: int) -> "HeldOut":
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return HeldOut(**{name: value[:n] if value is not None else None for name, value in fields.items()})
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -247,10 +254,10 @@ def _grid(generated: torch.Tensor, real: torch.Tensor) -> bytes:
     return png_bytes(image_grid(rows))
 
 
-def _generate(pipe: UnCLIP, rows: HeldOut, embeds: torch.Tensor, settings: EvalSettings, progress: Progress) -> torch.Tensor:
+def _generate(pipe: UnCLIP, rows: HeldOut, embeds: torch.Tensor, settings: EvalSettings, progress: Progress, seed: int = 1) -> torch.Tensor:
     """Images [N, 3, S, S] in [-1, 1] from the held-out captions, through the decoder and the
     upsamplers, with the pipeline's stage functions; one generator, seeded, for all batches."""
-    generator = torch.Generator(device=pipe.device).manual_seed(settings.seed + 1)
+    generator = torch.Generator(device=pipe.device).manual_seed(settings.seed + seed)
     decoder_options = stage_options("decoder", settings.steps, settings.samplers, settings.decoder_guidance)
     upsampler_options = stage_options("upsampler", settings.steps, settings.samplers, 1.0)
     images = []
@@ -374,6 +381,13 @@ def _run_eval(settings: EvalSettings, progress: Optional[Progress]) -> dict[str,
                 "generated": _checker_accuracy(generated, rows.labels),
                 "real": _checker_accuracy(real, rows.labels),  # the checker's own error on real images
             }
+        pairs = min(settings.seed_pairs, len(rows))
+        if pairs >= 2:
+            again = _generate(pipe, rows.head(pairs), embeds[:pairs], settings, progress, seed=2)
+            data = None
+            if rows.labels is not None:  # the shapes dataset: two draws of each caption's scene
+                data = tuple(to_model_images(torch.from_numpy(d)) for d in draw_twice(rows.labels[:pairs], pipe.sizes[-1], settings.seed))
+            report["generation"]["seed_spread"] = metrics.seed_spread(generated[:pairs], again, data)
         files["samples.png"] = _grid(generated, real)
         now = lap("score_images", now)
 
@@ -414,6 +428,11 @@ def summary(report: dict[str, Any]) -> str:
             f"CLIP score {generation['clip_score']:.3f} (real {generation['clip_score_real']:.3f}), "
             f"CLIP-feature FID {generation['clip_fid']:.4f}" + (f" (real halves {halves:.4f})" if halves is not None else "")
         )
+        spread = generation.get("seed_spread")
+        if spread is not None:
+            data = f"the data's own 2 images of a caption {spread['data']:.3f}, ratio {spread['ratio']:.2f}; " if spread["ratio"] is not None else ""
+            lines.append(f"seed spread: 2 seeds of a caption differ by {spread['seeds']:.3f} mean |pixel| ({data}"
+                         f"different captions {spread['different_captions']:.3f}; {spread['pairs']} captions)")  # fmt: skip
     checker = report["shapes_checker"]
     if checker is not None:
         for which in ("generated", "real"):
