@@ -128,6 +128,19 @@ def test_two_workers_on_two_nodes_train_resume_and_export(nodes, s3_shapes, s3_s
     assert bundle.kind == "clip" and bundle.metadata["step"] == 6
 
 
+def test_the_dropped_rows_counters_live_on_the_drivers_node(nodes):
+    """Not on a worker node that may be lost (the head here has no CPU for them to ask for)."""
+    import ray
+
+    from dalle2.data.ray_reader import dropped_rows_counter
+
+    counters = [dropped_rows_counter() for _ in range(8)]
+    where = ray.get([counter.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id()) for counter in counters])
+    assert set(where) == {ray.get_runtime_context().get_node_id()} == {nodes.cluster.head_node.node_id}
+    for counter in counters:
+        ray.kill(counter)
+
+
 def take_away_announced_node(nodes, marker: str, lost: dict) -> None:
     """Waits for rank 1's announcement, then kills its node (run in a thread beside run_job)."""
     deadline = time.monotonic() + 10 * LOSS_TIMEOUT_S

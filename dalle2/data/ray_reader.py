@@ -167,10 +167,12 @@ class DroppedRows:
 def dropped_rows_counter():
     """A :class:`DroppedRows` actor on the driver's node. It asks for no CPU, so Ray could put it on
     any node, and a lost worker node would take the job's counts (and the Train controller that
-    reads them at each report) with it; the driver's node lives as long as the job."""
+    reads them at each report) with it; the driver's node lives as long as the job. The affinity
+    is hard: a soft one put 10 of 20 counters on the worker nodes of a cluster whose head has no
+    CPU (tests/multinode.py's), and one of them went with a lost node in CI."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return DroppedRows.options(scheduling_strategy=here).remote()
 
 
