@@ -8,6 +8,7 @@ store. Data, runs, checkpoints and bundles live in s3:// on the SeaweedFS fixtur
 - A worker's node is lost mid-run (raylet and processes SIGKILLed): with ``max_failures: 1`` the
   run goes on from its last complete checkpoint on the node left, reaches ``max_steps``, and its
   metrics.csv has each step once.
+- The dropped-rows counters live on the driver's node, which the job cannot outlive.
 """
 
 from __future__ import annotations
