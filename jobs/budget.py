@@ -117,7 +117,9 @@ def plan_steps(budget_s: float, seconds_per_step: Mapping[str, float], configure
         return make(configured, True, f"the configured steps fit: about {_minutes(full_s)} of {aim}, nothing cut")
     least_s = unshortened_s + sum(seconds_per_step[name] * floor[name] for name in names)
     if least_s > aim_s:
-        keep_all = f"--budget-minutes {math.ceil((full_s + reserve_s) / 60)} keeps every configured step"
+        # The headroom grows with the budget: the configured steps need full_s / (share kept for training).
+        needed_s = full_s * budget_s / aim_s if aim_s > 0 else full_s + reserve_s
+        keep_all = f"--budget-minutes {math.ceil(needed_s / 60)} keeps every configured step"
         if least_s <= budget_s:
             return make(floor, True, f"the floors ({_steps(floor)}) need about {_minutes(least_s)}, more than {aim}: "
                                      f"training at the floors ({keep_all})")  # fmt: skip
