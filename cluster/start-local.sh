@@ -113,7 +113,8 @@ rm -f "$STATE/ray-address.previous"
 # SIGTERM a node first drains (30 s by default) for other nodes to take its work; a one-node
 # cluster has none, so it waits 5 s. Ray stops a task worker that idles for 1 s once the node
 # has more workers than CPUs (actors count: on 2 cores, always), and the next data task then
-# pays a new worker's torch import (~4 CPU-seconds): idle workers are kept for a minute.
+# pays a new worker's start (1.5 CPU-seconds; 5.8 if it tokenizes, which imports torch): idle
+# workers are kept for a minute.
 # PYTHONPATH: `serve deploy serve/config.yaml` imports serve.app on the head's workers, and Serve
 # takes no local working_dir (only remote URIs): on a local head, this checkout is on the path.
 PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PATH="$(dirname "$RAY"):$PATH" RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-5}" \

@@ -22,7 +22,7 @@ from dalle2.data.ray_reader import DataConfig, build_training_data
 from dalle2.data.preprocess import in_validation, preprocess_batch
 from dalle2.data.schema import read_dataset
 from dalle2.data.shapes import write_shapes_dataset
-from dalle2.data.stream import TrainingStream
+from dalle2.data.stream import SEQUENCE_COLUMN, TrainingStream
 from dalle2.train.config import ConfigError, load_job_config
 from test_ray_data import add_bad_rows
 
@@ -147,6 +147,36 @@ def test_two_epochs_deliver_the_same_rows_in_other_orders(ray_cluster, tmp_path)
     for _ in range(2):
         list(data.validation.iter_batches(batch_size=16))
     assert data.dropped_rows() == {str(r): 1 for r in reasons}
+
+
+def test_a_training_decode_task_imports_neither_torch_nor_open_clip(tmp_path):
+    """Each epoch starts new decode worker processes (idle ones are stopped): a training job's
+    captions come untokenized (context_length=None), so a decode task loads no torch and no
+    tokenizer. A fresh interpreter unpickles and runs one task as a Ray worker does."""
+    import subprocess
+
+    from dalle2.data import stream as stream_module
+    from dalle2.data.schema import TRAINING_COLUMNS
+
+    path = str(tmp_path / "shapes")
+    write_shapes_dataset(path, count=12, image_size=16, rows_per_file=12)
+    config = DataConfig(path=path, image_size=16, context_length=None, validation_fraction=0.0)
+    source = stream_module.training_source(config, ShuffleConfig(seed=0), workers=1, columns=TRAINING_COLUMNS)
+    piece = source.pieces[0]
+    items = {"file": np.array([piece.file]), "start": np.array([piece.start]), "stop": np.array([piece.stop]),
+             "first_index": np.array([0]), "skip": np.array([[]], dtype=object), "piece_start": np.array([piece.start])}  # fmt: skip
+    task = cloudpickle.dumps((stream_module._decode_work, items, source))  # the function by reference, as Ray sends it
+    script = (
+        "import json, sys\nfrom ray import cloudpickle\n"
+        "decode, items, source = cloudpickle.loads(sys.stdin.buffer.read())\n"
+        "out = [block for block in decode(items, source=source)]\n"
+        "print(json.dumps({'rows': sum(len(b['key']) for b in out), 'columns': sorted(out[0]),"
+        " 'loaded': [m for m in ('torch', 'open_clip') if m in sys.modules]}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], input=task, capture_output=True, timeout=120, check=True)
+    report = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    rows = piece.stop - piece.start
+    assert rows > 0 and report == {"rows": rows, "columns": ["caption", "image", "key", SEQUENCE_COLUMN], "loaded": []}
 
 
 def counting_preprocess(batch, *, log_path: str, **options):

@@ -8,12 +8,17 @@ bytes) in, and out::
     key      object [N]           the row ids
     caption  object [N]           the captions, stripped
     image    uint8  [N, S, S, 3]  RGB, resized so the short side is S, then center-cropped
-    tokens   int64  [N, L]        BPE ids of the caption (open_clip's tokenizer), 0-padded
+    tokens   int64  [N, L]        BPE ids of the caption (open_clip's tokenizer), 0-padded;
+                                  only when a ``context_length`` is given
 
 plus the input columns named in ``carry``, copied unchanged for the rows kept (the encoded
 image bytes that ``dalle2 data embed`` writes out again; the precomputed ``image_embed``
 that the decoder reads from those rows). Rows that cannot be used are dropped and counted
 by reason; they never raise.
+
+The module imports neither torch nor open_clip until it tokenizes: a decode worker process
+that only decodes (training streams leave the tokens to the training worker, which has the
+tokenizer loaded anyway) starts without them, see :mod:`dalle2.data.ray_reader`.
 """
 
 from __future__ import annotations
@@ -22,13 +27,13 @@ import collections
 import enum
 import io
 import zlib
-from typing import Literal, Mapping, Optional
+from typing import TYPE_CHECKING, Literal, Mapping, Optional
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
-from dalle2.clip import tokenize
+if TYPE_CHECKING:
+    import torch
 
 Split = Literal["train", "validation"]
 DROP_REASONS = ("missing_key", "missing_image", "undecodable_image", "empty_caption")
@@ -77,16 +82,17 @@ def preprocess_batch(
     batch: dict[str, np.ndarray],
     *,
     image_size: int,
-    context_length: int,
+    context_length: Optional[int],
     split: Split = "train",
     validation_fraction: float = 0.0,
     flip: Flip = Flip.NONE,
     rng: Optional[np.random.Generator] = None,
     carry: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, np.ndarray], collections.Counter]:
-    """Keep the rows of ``split``, decode and tokenize them; returns (batch, drops by reason).
+    """Keep the rows of ``split``, decode (and tokenize) them; returns (batch, drops by reason).
     ``carry`` maps input columns to output columns copied unchanged for the kept rows
     (``{"image": "image_bytes"}`` keeps the encoded image beside the decoded one).
+    ``context_length=None`` leaves the captions untokenized (no ``tokens`` column).
 
     Rows without a key cannot be assigned a split; the train split keeps (and counts)
     them, so each bad row is counted exactly once."""
@@ -117,20 +123,26 @@ def preprocess_batch(
         rng = rng if rng is not None else np.random.default_rng()
         mirrored = rng.random(len(pixels)) < 0.5
         image_array[mirrored] = image_array[mirrored, :, ::-1]
-    if kept_captions:
-        tokens = tokenize(kept_captions, context_length).numpy()
-    else:
-        tokens = np.zeros((0, context_length), np.int64)
     out = {
         "key": np.array(kept_keys, dtype=object),
         "caption": np.array(kept_captions, dtype=object),
         "image": image_array,
-        "tokens": tokens,
     }
+    if context_length is not None:
+        out["tokens"] = tokenize_captions(kept_captions, context_length)
     rows = np.array(kept, dtype=np.int64)
     for source, name in (carry or {}).items():
         out[name] = np.asarray(batch[source])[rows]  # [N, ...]: tensors keep their shape
     return out, drops
+
+
+def tokenize_captions(captions: list[str], context_length: int) -> np.ndarray:
+    """int64 [N, context_length]: CLIP's BPE ids (imports torch and open_clip on first use)."""
+    if not captions:
+        return np.zeros((0, context_length), np.int64)
+    from dalle2.clip import tokenize
+
+    return tokenize(captions, context_length).numpy()
 
 
 def to_model_images(images: torch.Tensor) -> torch.Tensor:

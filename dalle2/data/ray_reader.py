@@ -30,7 +30,7 @@ per task, and 1 CPU per Train worker, a 2-core machine has no CPU left for the r
 map tasks once the workers hold theirs; the streaming executor then waits forever for
 resources, with no error. A quarter CPU per task lets everything be scheduled; the OS
 shares the cores. The same fractions would let Ray run four decode tasks per core, each
-in its own worker process (torch and the tokenizer loaded, ~0.7 GB): ``DataConfig.
+in its own worker process (0.25 GB; 0.95 GB when it also tokenizes, see below): ``DataConfig.
 preprocess_tasks`` caps the decode tasks running at once, by default at the cluster's CPU
 count plus 4. Not at the CPU count: a task also waits (its file read, the object store, its
 own start), and with one task per core the cores idled a third of the time. On 2 cores, 2
@@ -42,15 +42,22 @@ pass through the object store. (Ray 2.60's default Parquet reader packs up to 12
 groups into one read task: a dataset of a few thousand small images became one block,
 decoded by one task, and the first batch waited for the whole epoch.)
 
-A decode worker process imports torch and open_clip (the tokenizer): ~4 CPU-seconds. Ray
-stops task workers that idle for 1 s once a node has more worker processes than CPUs, which
-on a small machine with Train workers and actors is always, so every pause of the pipeline
-(backpressure, the end of an epoch) costs new workers. Clusters for training should keep
-idle workers longer: ``RAY_idle_worker_killing_time_threshold_ms=60000`` in the environment
-of ``ray start`` (``cluster/start-local.sh`` sets it); the local Ray that the demo, ``dalle2
-train`` alone and the benchmarks start gets it (:data:`LOCAL_RAY_SYSTEM_CONFIG`). Without it the
-demo's stages kept starting decode workers (processes a few seconds old in the middle of a stage).
-Measured by ``dalle2 bench data``.
+Ray stops task workers that idle for 1 s once a node has more worker processes than CPUs,
+which on a small machine with Train workers and actors is always, so every pause of the pipeline
+(backpressure, the end of an epoch) costs new workers. Clusters for training should keep idle
+workers longer: ``RAY_idle_worker_killing_time_threshold_ms=60000`` in the environment of ``ray
+start`` (``cluster/start-local.sh`` sets it); the local Ray that the demo, ``dalle2 train`` alone
+and the benchmarks start gets it (:data:`LOCAL_RAY_SYSTEM_CONFIG`). Without it the demo's stages
+kept starting decode workers (processes a few seconds old in the middle of a stage). Measured by
+``dalle2 bench data``.
+
+A worker's start is cheap only while it does not tokenize: the tokenizer is open_clip's, which
+loads torch. Training jobs read untokenized captions (``DataConfig(context_length=None)``) and
+the training worker tokenizes each batch (3 ms for 64 captions; it has the tokenizer loaded
+anyway). Measured on 2 cores, 6 fresh decode workers decoding 12 pieces of the demo's dataset
+(7,783 rows at 64px), 3 interleaved runs each, medians: 5.9 s without tokens, 19.8 s with
+(0.30x); each worker used 1.5 CPU-seconds instead of 5.8, and 0.25 GB of memory instead of
+0.96 GB. :mod:`.preprocess` and this module import torch only when they tokenize or collate.
 
 Ray is imported here and in :mod:`.embed` only: the rest of :mod:`dalle2.data` is plain
 Python that tests and tools call without a cluster.
@@ -62,13 +69,12 @@ import collections
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Optional
 
 import numpy as np
 import pyarrow.fs as pafs
 import ray
 import ray.data
-import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from dalle2.data import storage
@@ -97,7 +103,9 @@ class DataConfig:
 
     path: str  # dataset folder (or one file): local, file:// or s3://bucket/prefix
     image_size: int = 64  # the model's resolution: short side resized to it, then center crop
-    context_length: int = 77  # caption tokens (CLIP's context length)
+    # Caption tokens (CLIP's context length); None: the batches carry the captions only, and the
+    # consumer tokenizes (training jobs: their decode workers then never import torch).
+    context_length: Optional[int] = 77
     validation_fraction: float = 0.05  # by a stable hash of the key, see preprocess.in_validation
     flip: Flip = Flip.NONE  # training split only; off by default (it breaks "left"/"right" captions)
     batch_size: int = 128  # rows per preprocessing call (bounds a call's memory, not a block's size)
@@ -121,7 +129,8 @@ def check_dataset(path: str, columns: tuple[str, ...] = TRAINING_COLUMNS) -> tup
 
 # What a local Ray this project starts (the demo, `dalle2 train` alone, the benchmarks) is given,
 # for the reason in the module's docstring: decode workers kept a minute through the pipeline's
-# pauses instead of a new torch import (~4 CPU-seconds each) at every epoch's end. A cluster that
+# pauses instead of new worker processes (1.5 CPU-seconds each, 5.8 when they tokenize) at every
+# epoch's end. A cluster that
 # is joined keeps its own config (cluster/start-local.sh sets the same through the environment).
 LOCAL_RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
 
@@ -307,6 +316,8 @@ class CollateTrainingBatch(NumpyBatchCollateFn):
     strings). Move the tensors to the device in the training loop."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict:
+        import torch  # here, not at the top: decode workers unpickle this module's DataConfig
+
         return {
             # Ray's zero-copy batches can be read-only; torch wants writable memory.
             name: torch.from_numpy(np.require(values, requirements=("C", "W"))) if values.dtype.kind in "biuf"

@@ -2,7 +2,9 @@
 
     source = training_source(DataConfig(path=...), ShuffleConfig(seed=0), workers=2)   # on the driver
     stream = TrainingStream(source, rank, world_size, batch_size=16, position=DataPosition())
-    batch = stream.next()        # numpy columns: key, caption, image [B, S, S, 3], tokens [B, L]
+    batch = stream.next()        # numpy columns: key, caption, image [B, S, S, 3] (+ tokens [B, L]
+                                 # when the DataConfig has a context_length; training jobs tokenize
+                                 # in the worker instead, see dalle2.data.ray_reader)
     stream.position              # DataPosition(epoch, position): what a checkpoint records
 
 Each worker reads the pieces its epoch plan deals it (:mod:`.epochs`) through a Ray Data

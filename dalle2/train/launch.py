@@ -37,8 +37,7 @@ class CheckedJob:
     job: JobConfig
     model_config: Any
     clip_config: Optional[ClipConfig]
-    image_size: int
-    context_length: int
+    image_size: int  # what the data pipeline delivers (captions come untokenized: training_datasets)
 
     @property
     def run_uri(self) -> str:
@@ -161,8 +160,8 @@ def check_job(job: JobConfig) -> CheckedJob:
         shard_uris(job.data.path)  # a brace list that matches nothing, a first shard that is no tar
     else:
         check_rows(job.data.path, TRAINING_COLUMNS)
-    image_size, context_length = data_resolution(job.model_kind, model_config, clip_config, clip_sees_images=job.loads_clip)
-    return CheckedJob(job, model_config, clip_config, image_size, context_length)
+    image_size, _ = data_resolution(job.model_kind, model_config, clip_config, clip_sees_images=job.loads_clip)
+    return CheckedJob(job, model_config, clip_config, image_size)
 
 
 def training_datasets(checked: CheckedJob):
@@ -183,10 +182,12 @@ def training_datasets(checked: CheckedJob):
         )  # fmt: skip
         return data.train, data.validation, data.dropped
     # Images, or the decoder's embedding rows: their images go through the same pipeline (same
-    # decode, resize and validation split), with the precomputed image_embed carried along.
+    # decode, resize and validation split), with the precomputed image_embed carried along. The
+    # captions arrive untokenized: the training worker tokenizes each batch (dalle2.train.tasks),
+    # so the decode workers that each epoch starts never import torch or open_clip.
     data = build_training_data(
         DataConfig(
-            path=spec.path, image_size=checked.image_size, context_length=checked.context_length,
+            path=spec.path, image_size=checked.image_size, context_length=None,
             validation_fraction=spec.validation_fraction, flip=spec.flip,
             batch_size=spec.preprocess_batch_size, cpus_per_task=spec.cpus_per_task,
         ),

@@ -48,11 +48,12 @@ def _images(batch: Batch, device, dtype) -> Tensor:
 
 
 def _tokens(batch: Batch, context_length: int, device) -> Tensor:
-    """[B, L] BPE ids: the pipeline's tokens when their length fits, else the captions re-tokenized."""
-    tokens = torch.from_numpy(np.array(batch["tokens"]))
-    if tokens.shape[1] != context_length:
-        tokens = tokenize([str(c) for c in batch["caption"]], context_length)
-    return tokens.to(device)
+    """[B, L] BPE ids: the pipeline's tokens when it made them at this length, else the captions
+    tokenized here (training jobs read untokenized captions: dalle2.train.launch)."""
+    tokens = batch.get("tokens")
+    if tokens is not None and np.shape(tokens)[1] == context_length:
+        return torch.from_numpy(np.array(tokens)).to(device)
+    return tokenize([str(c) for c in batch["caption"]], context_length).to(device)
 
 
 def resize_images(images: Tensor, size: int) -> Tensor:
