@@ -30,7 +30,7 @@ per task, and 1 CPU per Train worker, a 2-core machine has no CPU left for the r
 map tasks once the workers hold theirs; the streaming executor then waits forever for
 resources, with no error. A quarter CPU per task lets everything be scheduled; the OS
 shares the cores. The same fractions would let Ray run four decode tasks per core, each
-in its own worker process (0.25 GB; 0.95 GB when it also tokenizes, see below): ``DataConfig.
+in its own worker process (0.25 GB; 0.96 GB when it also tokenizes, see below): ``DataConfig.
 preprocess_tasks`` caps the decode tasks running at once, by default at the cluster's CPU
 count plus 4. Not at the CPU count: a task also waits (its file read, the object store, its
 own start), and with one task per core the cores idled a third of the time. On 2 cores, 2
@@ -130,8 +130,8 @@ def check_dataset(path: str, columns: tuple[str, ...] = TRAINING_COLUMNS) -> tup
 # What a local Ray this project starts (the demo, `dalle2 train` alone, the benchmarks) is given,
 # for the reason in the module's docstring: decode workers kept a minute through the pipeline's
 # pauses instead of new worker processes (1.5 CPU-seconds each, 5.8 when they tokenize) at every
-# epoch's end. A cluster that
-# is joined keeps its own config (cluster/start-local.sh sets the same through the environment).
+# epoch's end. A cluster that is joined keeps its own config (cluster/start-local.sh sets the
+# same through the environment).
 LOCAL_RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
 
 
