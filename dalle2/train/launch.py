@@ -37,7 +37,8 @@ class CheckedJob:
     job: JobConfig
     model_config: Any
     clip_config: Optional[ClipConfig]
-    image_size: int  # what the data pipeline delivers (captions come untokenized: training_datasets)
+    image_size: int  # what the data pipeline delivers
+    context_length: int  # caption tokens; the training worker makes them (see training_datasets)
 
     @property
     def run_uri(self) -> str:
@@ -160,8 +161,8 @@ def check_job(job: JobConfig) -> CheckedJob:
         shard_uris(job.data.path)  # a brace list that matches nothing, a first shard that is no tar
     else:
         check_rows(job.data.path, TRAINING_COLUMNS)
-    image_size, _ = data_resolution(job.model_kind, model_config, clip_config, clip_sees_images=job.loads_clip)
-    return CheckedJob(job, model_config, clip_config, image_size)
+    image_size, context_length = data_resolution(job.model_kind, model_config, clip_config, clip_sees_images=job.loads_clip)
+    return CheckedJob(job, model_config, clip_config, image_size, context_length)
 
 
 def training_datasets(checked: CheckedJob):
