@@ -4,6 +4,10 @@ it does under DeepSpeed's bf16 engine (weights cast, no autocast) or under autoc
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +18,7 @@ from dalle2.data.preprocess import preprocess_batch
 from dalle2.data.shapes import shapes_table
 from dalle2.diffusion import GaussianDiffusion, make_betas
 from dalle2.factory import create_model
+from dalle2.precision import cpu_has_native_bf16, training_autocast_dtype
 from dalle2.train.config import ModelSpec, resolve_model_config
 from dalle2.train.tasks import PriorLoss, make_task
 
@@ -97,3 +102,21 @@ def test_prior_normalisation_stays_float32_under_a_bf16_engine(clip):
     for name, value in stats.items():  # the statistics the target is normalised with: exact float32
         assert getattr(model, name).dtype == torch.float32 and torch.equal(getattr(model, name), value)
     assert model.normalize(inputs["image_embed"]).dtype == torch.float32
+
+
+def test_training_autocast_is_bf16_only_where_the_cpu_computes_bf16():
+    # deepspeed.autocast: auto, as the CPU job configs set it. Where bf16 is emulated (no AVX-512
+    # BF16 or AMX, or oneDNN held below them) a decoder step took 20x its float32 time.
+    capabilities = torch.cpu.get_capabilities()
+    native = bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+    if not os.environ.get("ONEDNN_MAX_CPU_ISA"):
+        assert cpu_has_native_bf16() is native
+    assert training_autocast_dtype("auto", "cpu") is (torch.bfloat16 if cpu_has_native_bf16() else None)
+    assert training_autocast_dtype("bf16", "cpu") is torch.bfloat16 and training_autocast_dtype("none", "cpu") is None
+    with pytest.raises(ValueError, match="autocast must be none, bf16 or auto"):
+        training_autocast_dtype("fp16", "cpu")
+    held = subprocess.run(
+        [sys.executable, "-c", "from dalle2.precision import cpu_has_native_bf16; print(cpu_has_native_bf16())"],
+        env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert held.stdout.strip() == "False"  # oneDNN's ISA is fixed at its first use: a fresh process

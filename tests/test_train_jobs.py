@@ -268,13 +268,41 @@ def test_decoder_trains_from_embeddings_and_draws_samples(ray_cluster, shapes_em
             assert grid.mode == "RGB" and grid.width > grid.height  # one row of truth, one of samples
 
 
-def test_upsampler_trains_from_s3_into_s3(ray_cluster, s3_server, tmp_path):
+class ConvDtypes(TrainHooks):
+    """Writes the dtypes the model's convolutions computed in while training (rank 0; not in
+    validation or the sample grid, which run the model in eval mode)."""
+
+    def __init__(self, path: str):
+        self.path, self.seen = path, set()
+
+    def at_start(self, model, rank: int) -> None:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.register_forward_hook(self.record)
+
+    def record(self, conv, inputs, output) -> None:  # a hook that returned a value would replace the output
+        if conv.training:
+            self.seen.add(str(output.dtype))
+
+    def at_end(self, model, rank: int) -> None:
+        if rank == 0:
+            with open(self.path, "w") as file:
+                json.dump({"convolutions": sorted(self.seen), "parameters": sorted({str(p.dtype) for p in model.parameters()})}, file)
+
+
+def test_upsampler_trains_from_s3_into_s3_under_bf16_autocast(ray_cluster, s3_server, tmp_path):
     data = s3_server.uri("upsampler-data")
     write_shapes_dataset(data, count=160, image_size=64, rows_per_file=80)  # the tiny 32->64 stage's target size
     runs = s3_server.uri("runs")
     # v-prediction's per-batch loss swings with the timesteps drawn, more than 8 steps improve it:
-    # judge by the validation loss (a fixed batch and fixed noise) at steps 2 and 8.
-    result = run_job(tiny_job("upsampler", data, runs, "upsampler-s3", loop={"val_every": 2}))
+    # judge by the validation loss (a fixed batch and fixed noise) at steps 2 and 8. The forward
+    # runs under bf16 autocast over fp32 weights (deepspeed.autocast; the CPU configs' auto turns
+    # it on where the CPU has bf16 arithmetic), and still learns.
+    dtypes = str(tmp_path / "dtypes.json")
+    job = tiny_job("upsampler", data, runs, "upsampler-s3", loop={"val_every": 2}, deepspeed={"autocast": "bf16"})
+    result = run_job(job, hooks=ConvDtypes(dtypes))
+    with open(dtypes) as file:
+        assert json.load(file) == {"convolutions": ["torch.bfloat16"], "parameters": ["torch.float32"]}
     assert result.run_uri.startswith("s3://") and result.checkpoint_uri == f"{runs}/upsampler-s3/checkpoint-00000008"
     rows = read_metrics(storage.join(result.run_uri, "metrics.csv"))
     validation = [float(row["val_loss"]) for row in rows if row.get("val_loss")]

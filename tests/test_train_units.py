@@ -62,6 +62,10 @@ def test_config_errors_name_the_key():
         load_job_config("clip", overrides={"deepspeed": {"precision": "fp8"}})
     with pytest.raises(ConfigError, match="zero_stage must be 0, 1, 2 or 3, got 4"):
         load_job_config("clip", overrides={"deepspeed": {"zero_stage": 4}})
+    with pytest.raises(ConfigError, match="autocast needs precision fp32"):
+        load_job_config("decoder", overrides={"deepspeed": {"precision": "bf16", "autocast": "auto"}})
+    with pytest.raises(ConfigError, match=r"deepspeed\.autocast: 'fp16' is not one of none, bf16, auto"):
+        load_job_config("decoder", overrides={"deepspeed": {"autocast": "fp16"}})
     with pytest.raises(ConfigError, match="zero_stage must be 0, 1, 2 or 3, got -1"):
         load_job_config("clip", overrides={"deepspeed": {"zero_stage": -1}})
     with pytest.raises(ConfigError, match="model.kind 'decoder' cannot be trained by the upsampler job"):

@@ -51,6 +51,15 @@ class Precision(str, enum.Enum):
     FP16 = "fp16"  # dynamic loss scaling (DeepSpeed)
 
 
+class Autocast(str, enum.Enum):
+    """The forward pass's convolutions and matmuls in bf16 over float32 weights (torch.autocast,
+    with ``precision: fp32``); auto = where the device has bf16 arithmetic (dalle2.precision)."""
+
+    NONE = "none"
+    BF16 = "bf16"
+    AUTO = "auto"
+
+
 class Offload(str, enum.Enum):
     """Where ZeRO keeps the optimizer state (ZeRO-Offload, Ren et al. 2021)."""
 
@@ -136,6 +145,7 @@ class OptimConfig:
 class DeepSpeedOptions:
     zero_stage: int = 2  # 0 = plain data parallel; 1 optimizer state, 2 + gradients, 3 + parameters sharded
     precision: Precision = Precision.FP32
+    autocast: Autocast = Autocast.NONE
     offload_optimizer: Offload = Offload.NONE
     gradient_accumulation_steps: int = 1
     gradient_clipping: float = 1.0  # max global grad norm; 0 = off
@@ -154,6 +164,10 @@ class DeepSpeedOptions:
         _check(self.zero_stage in (0, 1, 2, 3), f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         _check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1")
         _check(self.gradient_clipping >= 0, "gradient_clipping must be >= 0")
+        _check(
+            self.autocast is Autocast.NONE or self.precision is Precision.FP32,
+            "autocast needs precision fp32 (with bf16 or fp16 the weights themselves are half precision)",
+        )
         _check(
             self.offload_optimizer is Offload.NONE or self.zero_stage >= 1,
             "offload_optimizer needs zero_stage >= 1 (ZeRO-Offload moves the sharded optimizer state)",

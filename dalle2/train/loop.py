@@ -27,6 +27,7 @@ from dalle2.config import CONFIG_CLASSES, from_dict
 from dalle2.data import storage
 from dalle2.data.epochs import DataPosition
 from dalle2.data.stream import TrainingStream
+from dalle2.precision import training_autocast, training_autocast_dtype
 from dalle2.train import checkpoint as ckpt
 from dalle2.train.checkpoint import TrainState
 from dalle2.train.config import JobConfig, job_from_dict
@@ -40,6 +41,9 @@ from dalle2.train.tasks import Task, make_task
 
 class TrainHooks:
     """Extension points called on every rank (tests inject faults and read the engine with them)."""
+
+    def at_start(self, model: nn.Module, rank: int) -> None:
+        """Before the first step of this run (or of its resumed part); ``model`` as in :meth:`at_end`."""
 
     def after_step(self, step: int, rank: int) -> None:
         """After optimizer step ``step`` (1-based) and the EMA update, before reporting."""
@@ -148,6 +152,9 @@ class Worker:
         self.rank, self.world_size, self.run_uri, self.hooks = rank, world_size, run_uri, hooks
         self.job_dict, self.model_config_dict = job_dict, model_config_dict
         self.dtype = next(engine.module.parameters()).dtype
+        # bf16 convolutions and matmuls over the fp32 weights where the device computes bf16
+        # (deepspeed.autocast; dalle2.precision): the backward follows the forward's dtypes.
+        self.autocast = training_autocast_dtype(job.deepspeed.autocast.value, task.device)
         self.data_position: Optional[DataPosition] = None  # set by restore for a TrainingStream
         self.device = task.device
         self.global_batch = global_batch_size(job.loop.batch_size, world_size, job.deepspeed)
@@ -164,7 +171,8 @@ class Worker:
             group["lr"] = lr
         total = 0.0
         for _ in range(self.job.deepspeed.gradient_accumulation_steps):
-            loss = self.engine(**self.task.inputs(stream.next(), self.dtype))
+            with training_autocast(self.autocast, self.device):
+                loss = self.engine(**self.task.inputs(stream.next(), self.dtype))
             self.engine.backward(loss)
             self.engine.step()
             total += loss.detach().float().item()
@@ -189,7 +197,8 @@ class Worker:
                 break
             first = first if first is not None else batch
             generator = torch.Generator().manual_seed(loop.seed * 7919 + index * self.world_size + self.rank)
-            loss = self.engine(**self.task.inputs(batch, self.dtype, generator=generator), generator=generator)
+            with training_autocast(self.autocast, self.device):
+                loss = self.engine(**self.task.inputs(batch, self.dtype, generator=generator), generator=generator)
             total += loss.float().item() * len(batch["key"])
             count += len(batch["key"])
         self.engine.module.train()
@@ -276,6 +285,7 @@ class Worker:
         torch.manual_seed(loop.seed * 1_000_003 + self.state.step * self.world_size + self.rank + 1)  # new noise after a resume
         started, interval_start, interval_steps, losses = time.monotonic(), time.monotonic(), 0, []
         elapsed_before = self.state.elapsed_s
+        self.hooks.at_start(self.model, self.rank)
         while self.state.step < loop.max_steps:
             losses.append(self.train_step(stream))
             if train_source is not None:

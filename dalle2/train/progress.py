@@ -40,10 +40,23 @@ def job_header(job: Any) -> tuple[str, dict[str, str]]:
     run = storage.join(job.run.storage, job.run.name)
     title = f"{job.job}: training {job.model.preset} {job.model_kind} for {job.loop.max_steps} steps from {source}"
     return title, {
-        "model": f"{job.model.preset} {job.model_kind}, DeepSpeed ZeRO-{job.deepspeed.zero_stage} on {devices}",
+        "model": f"{job.model.preset} {job.model_kind}, DeepSpeed ZeRO-{job.deepspeed.zero_stage} on {devices}, {_precision(job)}",
         "data": job.data.path,
         "run": f"{run} (metrics.csv, tensorboard/, checkpoints)",
     }
+
+
+def _precision(job: Any) -> str:
+    """``fp32``, or ``fp32 weights, bf16 autocast`` (``deepspeed.autocast``; auto: on this CPU or not)."""
+    options = job.deepspeed
+    if options.autocast.value == "none":
+        return options.precision.value
+    if options.autocast.value == "auto" and not job.scaling.use_gpu:
+        from dalle2.precision import cpu_has_native_bf16  # torch: only for this case
+
+        native = cpu_has_native_bf16()
+        return f"{options.precision.value}" + (" weights, bf16 autocast (this CPU has bf16 arithmetic)" if native else " (no bf16 arithmetic on this CPU: no autocast)")
+    return f"{options.precision.value} weights, bf16 autocast" + (" where the GPU has bf16" if options.autocast.value == "auto" else "")
 
 
 def final_metrics(metrics: dict[str, Any]) -> str:

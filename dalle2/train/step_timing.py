@@ -26,6 +26,7 @@ def bare_step_seconds(job: JobConfig, steps: int = 3, warmup_steps: int = 1) -> 
     """Seconds per bare training step of ``job``'s model at its per-worker batch size (the
     fastest of ``steps`` timed steps after ``warmup_steps``: on a shared machine the minimum is
     the machine's speed, the rest is other people's work)."""
+    from dalle2.precision import training_autocast, training_autocast_dtype
     from dalle2.train.bench import bench_task
     from dalle2.train.loop import weight_decay_groups
 
@@ -44,9 +45,12 @@ def bare_step_seconds(job: JobConfig, steps: int = 3, warmup_steps: int = 1) -> 
         optimizer = torch.optim.AdamW(weight_decay_groups(loss_module, job.optim.weight_decay), lr=job.optim.lr)
         inputs = task.inputs(batch)  # CLIP runs here, once, outside the timed steps
 
+        autocast = training_autocast_dtype(job.deepspeed.autocast.value, "cpu")
+
         def step() -> float:
             started = time.perf_counter()
-            loss = loss_module(**inputs)
+            with training_autocast(autocast, "cpu"):  # as the job's workers will (deepspeed.autocast)
+                loss = loss_module(**inputs)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if job.deepspeed.gradient_clipping:
