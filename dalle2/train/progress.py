@@ -48,15 +48,18 @@ def job_header(job: Any) -> tuple[str, dict[str, str]]:
 
 def _precision(job: Any) -> str:
     """``fp32``, or ``fp32 weights, bf16 autocast`` (``deepspeed.autocast``; auto: on this CPU or not)."""
-    options = job.deepspeed
-    if options.autocast.value == "none":
-        return options.precision.value
-    if options.autocast.value == "auto" and not job.scaling.use_gpu:
-        from dalle2.precision import cpu_has_native_bf16  # torch: only for this case
+    precision, autocast = job.deepspeed.precision.value, job.deepspeed.autocast.value
+    if autocast == "none":
+        return precision
+    if autocast == "bf16":
+        return f"{precision} weights, bf16 autocast"
+    if job.scaling.use_gpu:
+        return f"{precision} weights, bf16 autocast where the GPU has bf16"
+    from dalle2.precision import cpu_has_native_bf16  # imports torch: only for this case
 
-        native = cpu_has_native_bf16()
-        return f"{options.precision.value}" + (" weights, bf16 autocast (this CPU has bf16 arithmetic)" if native else " (no bf16 arithmetic on this CPU: no autocast)")
-    return f"{options.precision.value} weights, bf16 autocast" + (" where the GPU has bf16" if options.autocast.value == "auto" else "")
+    if cpu_has_native_bf16():
+        return f"{precision} weights, bf16 autocast (this CPU has bf16 arithmetic)"
+    return f"{precision} (no bf16 arithmetic on this CPU: no autocast)"
 
 
 def final_metrics(metrics: dict[str, Any]) -> str:
